@@ -1,0 +1,180 @@
+"""The `pyhv` command line.
+
+Exit codes of `pyhv run`: the guest's status (0 when it powers off or resets; (v << 1) | 1 when it writes v to the
+debug-exit port 0xf4), 2 for a usage or configuration error, 3 when the guest crashed (KVM internal error, failed
+entry, triple fault), 130 when interrupted.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from typing import Sequence
+
+from pyhv import __version__
+from pyhv.errors import PyhvError
+
+EXIT_USAGE = 2
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse that reports a usage error in one line (with exit code 2) instead of usage text plus error."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        self.exit(EXIT_USAGE, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+RUN_EPILOG = """\
+examples:
+  pyhv run --firmware /usr/share/seabios/bios.bin --debugcon stdio --serial none
+  pyhv run --firmware guest.bin --memory 64M --stats
+
+console keys (--serial stdio on a terminal): C-a x quit, C-a s statistics, C-a h help.
+exit status: the guest's (0 on power-off; (v<<1)|1 after writing v to port 0xf4), 2 usage error, 3 guest crash.
+"""
+
+
+def _add_run_options(p: argparse.ArgumentParser) -> None:
+    boot = p.add_argument_group("what to boot")
+    boot.add_argument("--firmware", "--bios", metavar="FILE",
+                      help="flat firmware ROM (e.g. SeaBIOS bios.bin) mapped to end at 4 GiB; "
+                           "the vCPU starts at its reset vector in real mode")
+    boot.add_argument("--kernel", metavar="FILE", help="Linux kernel (bzImage or vmlinux) to boot directly")
+    boot.add_argument("--initrd", metavar="FILE", help="initial ramdisk for --kernel")
+    boot.add_argument("--append", metavar="CMDLINE", default="", help="kernel command line for --kernel")
+    hw = p.add_argument_group("hardware")
+    hw.add_argument("--machine", "-M", default="microvm", choices=("microvm", "pc"),
+                    help="machine type (default: microvm)")
+    hw.add_argument("--memory", "-m", default="128M", metavar="SIZE",
+                    help="guest RAM; K/M/G suffixes, a bare number is MiB (default: 128M)")
+    hw.add_argument("--cpus", "--smp", type=int, default=1, metavar="N", help="number of vCPUs (default: 1)")
+    hw.add_argument("--memory-backend", choices=("anon", "memfd"), default="anon",
+                    help="anon: private memory; memfd: shareable with other processes (vhost-user)")
+    hw.add_argument("--device", action="append", default=[], metavar="NAME",
+                    help="add a device: testdev (port 0xe0 and MMIO 0xfe800000 scratch registers for tests)")
+    io = p.add_argument_group("consoles")
+    io.add_argument("--serial", default="stdio", metavar="BACKEND",
+                    help="serial port 0x3f8: stdio | file:PATH | socket:PATH | pty | none (default: stdio)")
+    io.add_argument("--debugcon", default="none", metavar="BACKEND",
+                    help="debug console port 0x402 (SeaBIOS's log): stdio | file:PATH | socket:PATH | none "
+                         "(default: none)")
+    behaviour = p.add_argument_group("behaviour and diagnostics")
+    behaviour.add_argument("--on-reset", choices=("exit", "restart"), default="exit",
+                           help="when the guest resets (i8042 reset line, triple fault): end pyhv (exit, the "
+                                "default) or restart the machine")
+    behaviour.add_argument("--stats", action="store_true",
+                           help="print exit statistics (by reason, port and MMIO region) to stderr at exit")
+    behaviour.add_argument("--stats-json", metavar="FILE", help="write exit statistics as JSON at exit")
+    behaviour.add_argument("--no-accounting", action="store_true",
+                           help="do not count exits (measures what accounting costs)")
+    behaviour.add_argument("--dump-mtree", action="store_true",
+                           help="print the memory and I/O region trees (like QEMU's 'info mtree') and exit")
+    behaviour.add_argument("--log-post", action="store_true", help="log each POST code written to port 0x80")
+
+
+def _add_common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--log-level", default="warning", choices=("debug", "info", "warning", "error"),
+                   help="log verbosity on stderr (default: warning)")
+    p.add_argument("--trace", metavar="REGEX", help="log accesses to device registers whose names match, "
+                                                    "e.g. 'serial0|rtc' (implies --log-level info)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="pyhv", description="pyhv: a KVM virtual machine monitor in Python.")
+    parser.add_argument("--version", action="version", version=f"pyhv {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+    run = sub.add_parser("run", help="build a VM and run it in the foreground", epilog=RUN_EPILOG,
+                         formatter_class=argparse.RawDescriptionHelpFormatter,
+                         description="Build a VM from the options and run it until the guest ends.")
+    _add_run_options(run)
+    _add_common(run)
+    info = sub.add_parser("info", help="what this host's KVM offers (flavour, API, capabilities)")
+    info.add_argument("--json", action="store_true", help="machine-readable output")
+    _add_common(info)
+    return parser
+
+
+def config_from_args(args: argparse.Namespace) -> "VmConfig":
+    from pyhv.chardev import ChardevSpec
+    from pyhv.config import VmConfig, parse_size
+
+    return VmConfig(
+        machine=args.machine, memory=parse_size(args.memory), cpus=args.cpus, memory_backend=args.memory_backend,
+        firmware=args.firmware, kernel=args.kernel, initrd=args.initrd, append=args.append,
+        serial=ChardevSpec.parse(args.serial, "--serial"), debugcon=ChardevSpec.parse(args.debugcon, "--debugcon"),
+        on_reset=args.on_reset, devices=list(args.device), log_post=args.log_post,
+        accounting=not args.no_accounting,
+    ).validate()
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from pyhv.machine import Machine
+
+    config = config_from_args(args)
+    machine = Machine(config)
+    try:
+        if args.dump_mtree:
+            print(machine.dump_mtree())
+            return 0
+        status = machine.run()
+        if args.stats:
+            print(machine.stats_report(), file=sys.stderr)
+        if args.stats_json:
+            data = machine.exit_stats().as_dict(machine.port_owner)
+            data.update(kvm_flavour=machine.flavour.value, exit_status=status, exit_reason=machine.exit_reason,
+                        first_kvm_run_monotonic=machine.first_run_monotonic)
+            with open(args.stats_json, "w") as f:
+                json.dump(data, f, indent=1)
+        return status
+    finally:
+        machine.close()
+
+
+def cmd_info(args: argparse.Namespace) -> int:
+    from pyhv.kvm import Kvm
+    from pyhv.kvm import constants as C
+
+    kvm = Kvm()
+    caps = {name[len("KVM_CAP_"):].lower(): kvm.check_extension(value)
+            for name, value in vars(C).items() if name.startswith("KVM_CAP_")}
+    info = {"pyhv": __version__, "kvm_flavour": kvm.flavour.value, "kvm_description": kvm.flavour.description,
+            "api_version": kvm.api_version, "vcpu_mmap_size": kvm.vcpu_mmap_size, "capabilities": caps}
+    if args.json:
+        print(json.dumps(info, indent=1))
+        return 0
+    print(f"pyhv {__version__}")
+    print(f"KVM: {kvm.flavour.description}, API version {kvm.api_version}")
+    if kvm.flavour.is_pvm:
+        print("note: on PVM, guest kernel-mode and real-mode code is emulated (~500x slower than native); "
+              "user-mode code runs natively")
+    print("capabilities: " + ", ".join(f"{k}={v}" for k, v in sorted(caps.items())))
+    return 0
+
+
+def _setup_logging(args: argparse.Namespace) -> None:
+    level = getattr(logging, getattr(args, "log_level", "warning").upper())
+    if getattr(args, "trace", None):
+        from pyhv import trace
+        trace.set_pattern(args.trace)
+        level = min(level, logging.INFO)
+    logging.basicConfig(level=level, format="pyhv: %(message)s" if level > logging.DEBUG
+                        else "pyhv: %(threadName)s %(name)s: %(message)s")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return EXIT_USAGE
+    _setup_logging(args)
+    try:
+        return {"run": cmd_run, "info": cmd_info}[args.command](args)
+    except PyhvError as e:
+        print(f"pyhv: error: {e}", file=sys.stderr)
+        return e.exit_code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

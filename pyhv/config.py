@@ -1,0 +1,159 @@
+"""`VmConfig`: the one validated description of a VM. CLI flags, JSON and domain XML all produce it."""
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import asdict, dataclass, field, fields
+
+from pyhv.chardev import ChardevSpec
+from pyhv.errors import ConfigError, GuestImageError
+
+KiB, MiB, GiB = 1 << 10, 1 << 20, 1 << 30
+PAGE = 4 * KiB
+MIN_MEMORY = 2 * MiB
+MAX_CPUS = 64
+MAX_FIRMWARE = 16 * MiB
+MACHINES = ("microvm", "pc")
+ON_RESET = ("exit", "restart")
+DEVICES = ("testdev",)
+
+_SIZE_RE = re.compile(r"^\s*(\d+)\s*([kKmMgGtT]?)(i?[bB])?\s*$")
+
+
+def parse_size(text: str | int, default_unit: str = "M", what: str = "--memory") -> int:
+    """'128M', '1G', '4096K', '2GiB' -> bytes. A bare number is in `default_unit` (MiB, as in QEMU)."""
+    if isinstance(text, int):
+        return text
+    m = _SIZE_RE.match(text)
+    if not m:
+        raise ConfigError(f"{what} {text!r}: not a size", "write a number with an optional K, M, G or T suffix")
+    number, unit = int(m.group(1)), (m.group(2) or ("" if m.group(3) else default_unit)).upper()
+    return number * {"": 1, "K": KiB, "M": MiB, "G": GiB, "T": 1 << 40}[unit]
+
+
+def format_size(n: int) -> str:
+    for unit, scale in (("G", GiB), ("M", MiB), ("K", KiB)):
+        if n % scale == 0:
+            return f"{n // scale}{unit}"
+    return str(n)
+
+
+@dataclass
+class DriveConfig:
+    file: str
+    readonly: bool = False
+    cache: str = "writeback"        # writeback | none
+    serial: str | None = None
+    num_queues: int = 1
+    format: str = "raw"
+
+    def validate(self) -> None:
+        if self.cache not in ("writeback", "none"):
+            raise ConfigError(f"drive {self.file}: cache={self.cache} is not writeback or none")
+        if not 1 <= self.num_queues <= 64:
+            raise ConfigError(f"drive {self.file}: num-queues={self.num_queues} is not within 1-64")
+        if self.format != "raw":
+            raise ConfigError(f"drive {self.file}: format {self.format!r} is not supported",
+                              "convert it with `qemu-img convert -O raw`")
+        if self.serial is not None and len(self.serial.encode()) > 20:
+            raise ConfigError(f"drive {self.file}: serial {self.serial!r} is longer than 20 bytes")
+        if not os.path.exists(self.file):
+            raise ConfigError(f"drive {self.file}: no such file")
+
+
+@dataclass
+class VmConfig:
+    name: str = "pyhv"
+    uuid: str | None = None
+    machine: str = "microvm"
+    memory: int = 128 * MiB
+    memory_backend: str = "anon"    # anon | memfd (shared, for vhost-user)
+    cpus: int = 1
+    cpu_model: str = "host"
+    firmware: str | None = None
+    kernel: str | None = None
+    initrd: str | None = None
+    append: str = ""
+    serial: ChardevSpec = field(default_factory=lambda: ChardevSpec("stdio"))
+    debugcon: ChardevSpec = field(default_factory=lambda: ChardevSpec("none"))
+    on_reset: str = "exit"
+    devices: list[str] = field(default_factory=list)
+    drives: list[DriveConfig] = field(default_factory=list)
+    log_post: bool = False
+    accounting: bool = True
+
+    def validate(self) -> "VmConfig":
+        if self.machine not in MACHINES:
+            raise ConfigError(f"unknown machine type {self.machine!r}", f"choose one of {', '.join(MACHINES)}")
+        if self.memory < MIN_MEMORY:
+            raise ConfigError(f"memory {format_size(self.memory)} is too small", "use at least 2M")
+        if self.memory % PAGE:
+            raise ConfigError(f"memory {self.memory} bytes is not a multiple of 4 KiB")
+        if self.memory_backend not in ("anon", "memfd"):
+            raise ConfigError(f"memory backend {self.memory_backend!r} is not anon or memfd")
+        if not 1 <= self.cpus <= MAX_CPUS:
+            raise ConfigError(f"--cpus {self.cpus}: must be between 1 and {MAX_CPUS}")
+        if self.on_reset not in ON_RESET:
+            raise ConfigError(f"--on-reset {self.on_reset!r}: choose exit or restart")
+        for device in self.devices:
+            if device not in DEVICES:
+                raise ConfigError(f"unknown device {device!r}", f"known devices: {', '.join(DEVICES)}")
+        if self.firmware is not None:
+            check_firmware(self.firmware)
+        for path, what in ((self.kernel, "kernel"), (self.initrd, "initrd")):
+            if path is not None:
+                _check_readable(path, what)
+        if self.initrd and not self.kernel:
+            raise ConfigError("--initrd needs --kernel")
+        if self.append and not self.kernel:
+            raise ConfigError("--append needs --kernel")
+        if self.firmware and self.kernel and self.machine == "microvm":
+            raise ConfigError("--firmware and --kernel together need --machine pc",
+                              "microvm boots a kernel directly, without firmware")
+        for drive in self.drives:
+            drive.validate()
+        return self
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["serial"], d["debugcon"] = str(self.serial), str(self.debugcon)
+        return d
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "VmConfig":
+        known = {f.name for f in fields(cls)}
+        unknown = set(data) - known
+        if unknown:
+            raise ConfigError(f"unknown config keys: {', '.join(sorted(unknown))}")
+        data = dict(data)
+        for key in ("serial", "debugcon"):
+            if isinstance(data.get(key), str):
+                data[key] = ChardevSpec.parse(data[key], f"{key}")
+        if "memory" in data:
+            data["memory"] = parse_size(data["memory"])
+        data["drives"] = [DriveConfig(**d) if isinstance(d, dict) else d for d in data.get("drives", [])]
+        return cls(**data)
+
+
+def _check_readable(path: str, what: str) -> int:
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        raise GuestImageError(f"{what} file {path} does not exist")
+    except OSError as e:
+        raise GuestImageError(f"{what} file {path}: {e.strerror}")
+    if not os.path.isfile(path):
+        raise GuestImageError(f"{what} file {path} is not a regular file")
+    if not os.access(path, os.R_OK):
+        raise GuestImageError(f"{what} file {path} is not readable")
+    return st.st_size
+
+
+def check_firmware(path: str) -> int:
+    size = _check_readable(path, "firmware")
+    if size == 0:
+        raise GuestImageError(f"firmware file {path} is empty")
+    if size > MAX_FIRMWARE:
+        raise GuestImageError(f"firmware file {path} is {size} bytes, more than the {MAX_FIRMWARE >> 20} MiB "
+                              "that fit below 4 GiB")
+    return size

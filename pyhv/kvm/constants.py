@@ -1,0 +1,191 @@
+"""Constants from include/uapi/linux/kvm.h and arch/x86/include/uapi/asm/kvm.h, with their kernel names.
+
+ioctl numbers are computed with the kernel's _IOC encoding from the struct sizes in `structs.py`; the values were
+checked against a C program that includes <linux/kvm.h> (see tests/unit/test_kvm_abi.py).
+"""
+from __future__ import annotations
+
+KVMIO = 0xAE
+_IOC_NONE, _IOC_WRITE, _IOC_READ = 0, 1, 2
+
+
+def _ioc(direction: int, nr: int, size: int) -> int:
+    return (direction << 30) | (size << 16) | (KVMIO << 8) | nr
+
+
+def _io(nr: int) -> int:
+    return _ioc(_IOC_NONE, nr, 0)
+
+
+def _iow(nr: int, size: int) -> int:
+    return _ioc(_IOC_WRITE, nr, size)
+
+
+def _ior(nr: int, size: int) -> int:
+    return _ioc(_IOC_READ, nr, size)
+
+
+def _iowr(nr: int, size: int) -> int:
+    return _ioc(_IOC_READ | _IOC_WRITE, nr, size)
+
+
+KVM_API_VERSION = 12
+
+# System ioctls
+KVM_GET_API_VERSION = _io(0x00)
+KVM_CREATE_VM = _io(0x01)
+KVM_GET_MSR_INDEX_LIST = _iowr(0x02, 4)
+KVM_CHECK_EXTENSION = _io(0x03)
+KVM_GET_VCPU_MMAP_SIZE = _io(0x04)
+KVM_GET_SUPPORTED_CPUID = _iowr(0x05, 8)
+# VM ioctls
+KVM_CREATE_VCPU = _io(0x41)
+KVM_SET_USER_MEMORY_REGION = _iow(0x46, 32)
+KVM_SET_TSS_ADDR = _io(0x47)
+KVM_SET_IDENTITY_MAP_ADDR = _iow(0x48, 8)
+KVM_CREATE_IRQCHIP = _io(0x60)
+KVM_IRQ_LINE = _iow(0x61, 8)
+KVM_GET_IRQCHIP = _iowr(0x62, 520)
+KVM_SET_IRQCHIP = _ior(0x63, 520)
+KVM_SET_GSI_ROUTING = _iow(0x6A, 8)
+KVM_IRQFD = _iow(0x76, 32)
+KVM_CREATE_PIT2 = _iow(0x77, 64)
+KVM_IOEVENTFD = _iow(0x79, 64)
+KVM_SET_CLOCK = _iow(0x7B, 48)
+KVM_GET_CLOCK = _ior(0x7C, 48)
+KVM_GET_PIT2 = _ior(0x9F, 112)
+KVM_SET_PIT2 = _iow(0xA0, 112)
+KVM_SIGNAL_MSI = _iow(0xA5, 32)
+KVM_ENABLE_CAP = _iow(0xA3, 104)
+# vCPU ioctls
+KVM_RUN = _io(0x80)
+KVM_GET_REGS = _ior(0x81, 144)
+KVM_SET_REGS = _iow(0x82, 144)
+KVM_GET_SREGS = _ior(0x83, 312)
+KVM_SET_SREGS = _iow(0x84, 312)
+KVM_TRANSLATE = _iowr(0x85, 24)
+KVM_GET_MSRS = _iowr(0x88, 8)
+KVM_SET_MSRS = _iow(0x89, 8)
+KVM_GET_FPU = _ior(0x8C, 416)
+KVM_SET_FPU = _iow(0x8D, 416)
+KVM_GET_LAPIC = _ior(0x8E, 1024)
+KVM_SET_LAPIC = _iow(0x8F, 1024)
+KVM_SET_CPUID2 = _iow(0x90, 8)
+KVM_GET_CPUID2 = _iowr(0x91, 8)
+KVM_GET_MP_STATE = _ior(0x98, 4)
+KVM_SET_MP_STATE = _iow(0x99, 4)
+KVM_SET_GUEST_DEBUG = _iow(0x9B, 72)
+KVM_GET_VCPU_EVENTS = _ior(0x9F, 64)
+KVM_SET_VCPU_EVENTS = _iow(0xA0, 64)
+KVM_GET_DEBUGREGS = _ior(0xA1, 128)
+KVM_SET_TSC_KHZ = _io(0xA2)
+KVM_GET_TSC_KHZ = _io(0xA3)
+KVM_GET_XCRS = _ior(0xA6, 392)
+
+# Capabilities (KVM_CHECK_EXTENSION)
+KVM_CAP_IRQCHIP = 0
+KVM_CAP_HLT = 1
+KVM_CAP_USER_MEMORY = 3
+KVM_CAP_SET_TSS_ADDR = 4
+KVM_CAP_NR_VCPUS = 9
+KVM_CAP_NR_MEMSLOTS = 10
+KVM_CAP_PIT = 11
+KVM_CAP_MP_STATE = 14
+KVM_CAP_SET_GUEST_DEBUG = 23
+KVM_CAP_IRQ_ROUTING = 25
+KVM_CAP_IRQFD = 32
+KVM_CAP_PIT2 = 33
+KVM_CAP_IOEVENTFD = 36
+KVM_CAP_SET_IDENTITY_MAP_ADDR = 37
+KVM_CAP_VCPU_EVENTS = 41
+KVM_CAP_X86_ROBUST_SINGLESTEP = 51
+KVM_CAP_GET_TSC_KHZ = 61
+KVM_CAP_MAX_VCPUS = 66
+KVM_CAP_SIGNAL_MSI = 77
+KVM_CAP_READONLY_MEM = 81
+KVM_CAP_IMMEDIATE_EXIT = 136
+
+# kvm_run.exit_reason
+KVM_EXIT_UNKNOWN = 0
+KVM_EXIT_EXCEPTION = 1
+KVM_EXIT_IO = 2
+KVM_EXIT_HYPERCALL = 3
+KVM_EXIT_DEBUG = 4
+KVM_EXIT_HLT = 5
+KVM_EXIT_MMIO = 6
+KVM_EXIT_IRQ_WINDOW_OPEN = 7
+KVM_EXIT_SHUTDOWN = 8
+KVM_EXIT_FAIL_ENTRY = 9
+KVM_EXIT_INTR = 10
+KVM_EXIT_SET_TPR = 11
+KVM_EXIT_TPR_ACCESS = 12
+KVM_EXIT_NMI = 16
+KVM_EXIT_INTERNAL_ERROR = 17
+KVM_EXIT_SYSTEM_EVENT = 24
+KVM_EXIT_IOAPIC_EOI = 26
+KVM_EXIT_X86_RDMSR = 29
+KVM_EXIT_X86_WRMSR = 30
+
+EXIT_REASON_NAMES = {
+    value: name[len("KVM_EXIT_"):]
+    for name, value in dict(globals()).items()
+    if name.startswith("KVM_EXIT_") and isinstance(value, int)
+}
+
+KVM_EXIT_IO_IN = 0
+KVM_EXIT_IO_OUT = 1
+
+# KVM_EXIT_INTERNAL_ERROR suberrors
+KVM_INTERNAL_ERROR_EMULATION = 1
+KVM_INTERNAL_ERROR_SIMUL_EX = 2
+KVM_INTERNAL_ERROR_DELIVERY_EV = 3
+KVM_INTERNAL_ERROR_UNEXPECTED_EXIT_REASON = 4
+KVM_INTERNAL_ERROR_EMULATION_FLAG_INSTRUCTION_BYTES = 1
+
+# KVM_EXIT_SYSTEM_EVENT types
+KVM_SYSTEM_EVENT_SHUTDOWN = 1
+KVM_SYSTEM_EVENT_RESET = 2
+KVM_SYSTEM_EVENT_CRASH = 3
+
+# kvm_userspace_memory_region.flags
+KVM_MEM_LOG_DIRTY_PAGES = 1 << 0
+KVM_MEM_READONLY = 1 << 1
+
+# kvm_ioeventfd.flags
+KVM_IOEVENTFD_FLAG_DATAMATCH = 1 << 0
+KVM_IOEVENTFD_FLAG_PIO = 1 << 1
+KVM_IOEVENTFD_FLAG_DEASSIGN = 1 << 2
+
+# kvm_irqfd.flags
+KVM_IRQFD_FLAG_DEASSIGN = 1 << 0
+KVM_IRQFD_FLAG_RESAMPLE = 1 << 1
+
+# kvm_irq_routing_entry.type
+KVM_IRQ_ROUTING_IRQCHIP = 1
+KVM_IRQ_ROUTING_MSI = 2
+KVM_IRQCHIP_PIC_MASTER = 0
+KVM_IRQCHIP_PIC_SLAVE = 1
+KVM_IRQCHIP_IOAPIC = 2
+
+# kvm_guest_debug.control
+KVM_GUESTDBG_ENABLE = 0x00000001
+KVM_GUESTDBG_SINGLESTEP = 0x00000002
+KVM_GUESTDBG_USE_SW_BP = 0x00010000
+KVM_GUESTDBG_USE_HW_BP = 0x00020000
+KVM_GUESTDBG_INJECT_DB = 0x00040000
+KVM_GUESTDBG_INJECT_BP = 0x00080000
+
+# kvm_vcpu_events.flags
+KVM_VCPUEVENT_VALID_NMI_PENDING = 0x00000001
+KVM_VCPUEVENT_VALID_SIPI_VECTOR = 0x00000002
+KVM_VCPUEVENT_VALID_SHADOW = 0x00000004
+KVM_VCPUEVENT_VALID_SMM = 0x00000008
+
+# kvm_mp_state
+KVM_MP_STATE_RUNNABLE = 0
+KVM_MP_STATE_UNINITIALIZED = 1
+KVM_MP_STATE_INIT_RECEIVED = 2
+KVM_MP_STATE_HALTED = 3
+KVM_MP_STATE_SIPI_RECEIVED = 4
+
+KVM_PIT_SPEAKER_DUMMY = 1

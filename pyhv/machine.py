@@ -1,0 +1,392 @@
+"""`Machine`: a VM assembled from a `VmConfig`, and its lifecycle.
+
+Memory map (both machine types):
+    0x00000000 - 0x0009ffff   RAM (alias ram-low of the RAM block)
+    0x000a0000 - 0x000bffff   unassigned (legacy VGA window)
+    0x000c0000 - below_4g     RAM (alias ram-below-4g); with firmware, the ISA BIOS window (0xe0000+) on top
+    below_4g   - 4 GiB        MMIO hole (IOAPIC 0xfec00000, LAPIC 0xfee00000, firmware ROM at the top)
+    4 GiB      - ...          RAM above the hole (alias ram-above-4g), when memory exceeds 3 GiB
+Ports: serial0 0x3f8 (IRQ 4), i8042 0x60/0x64 (IRQ 1/12), RTC 0x70/0x71 (IRQ 8), POST 0x80, debugcon 0x402,
+debug-exit 0xf4; the PIC, PIT (0x40-0x43, 0x61) and IOAPIC are KVM's in-kernel models.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import sys
+import threading
+import time
+from typing import Callable
+
+from pyhv.arch.x86 import cpu_dump
+from pyhv.arch.x86.cpuid import processor_signature, vcpu_cpuid
+from pyhv.arch.x86.firmware import map_firmware
+from pyhv.arch.x86.reset import reset_state
+from pyhv.chardev import Chardev, open_chardev
+from pyhv.config import VmConfig
+from pyhv.devices.cmos_rtc import CmosRtc
+from pyhv.devices.debug_exit import DebugExit
+from pyhv.devices.debugcon import DebugCon
+from pyhv.devices.i8042 import I8042
+from pyhv.devices.irq import CallbackIrqLine
+from pyhv.devices.post_code import PostCode
+from pyhv.devices.testdev import TESTDEV_MMIO, TESTDEV_PORT, TestDev
+from pyhv.devices.uart16550 import Uart16550
+from pyhv.errors import ConfigError, GuestImageError
+from pyhv.iothread import IoThread
+from pyhv.kvm import Kvm
+from pyhv.kvm import constants as C
+from pyhv.memory import AddressSpace, GuestMemory, MemoryRegion, RamBlock
+from pyhv.memory.kvm_slots import KvmMemslots
+from pyhv.stats import ExitStats
+from pyhv.vcpu import VcpuThread, install_kick_handler
+
+log = logging.getLogger(__name__)
+
+FOUR_GIB = 1 << 32
+BELOW_4G_LIMIT = 0xC0000000          # RAM below the PCI/MMIO hole
+VGA_START, VGA_END = 0xA0000, 0xC0000
+IDENTITY_MAP_ADDR = 0xFEFFC000       # as QEMU: one page, then the 3-page TSS
+TSS_ADDR = 0xFEFFD000
+
+EXIT_GUEST_CRASHED = 3               # internal error, failed entry, triple fault
+
+
+class Machine:
+    def __init__(self, config: VmConfig, kvm: Kvm | None = None) -> None:
+        self.config = config.validate()
+        install_kick_handler()
+        self.kvm = kvm or Kvm()
+        self.flavour = self.kvm.flavour
+        self.vm = self.kvm.create_vm()
+        self.exit_status: int | None = None
+        self.exit_reason = ""
+        self._done = threading.Event()
+        self._lifecycle = threading.RLock()
+        self.first_run_monotonic: float | None = None
+        self.state = "created"            # created | running | paused | shutdown
+        self.listeners: list[Callable[[str, dict], None]] = []   # lifecycle events (QMP): (event, data)
+        self.iothread = IoThread()
+        self.chardevs: list[Chardev] = []
+
+        self.vm.set_identity_map_addr(IDENTITY_MAP_ADDR)
+        self.vm.set_tss_addr(TSS_ADDR)
+        self.vm.create_irqchip()
+        self.vm.create_pit2()
+
+        self._build_memory()
+        self._build_isa_devices()
+        self.boot_rom: MemoryRegion | None = None
+        if config.firmware:
+            with open(config.firmware, "rb") as f:
+                self.boot_rom = map_firmware(self.system_memory, f.read())
+        elif config.kernel:
+            raise ConfigError("--kernel is not supported by this build yet", "boot firmware with --firmware")
+        else:
+            raise ConfigError("nothing to boot", "give --firmware FILE (or --kernel FILE)")
+
+        supported = self.kvm.supported_cpuid()
+        self.processor_signature = processor_signature(supported)
+        self.vcpus: list[VcpuThread] = []
+        handlers = self._exit_handlers()
+        for i in range(config.cpus):
+            vcpu = self.vm.create_vcpu(i)
+            vcpu.set_cpuid2(vcpu_cpuid(supported, i, config.cpus))
+            reset_state(vcpu, self.processor_signature)
+            self.vcpus.append(VcpuThread(vcpu, self.io, self.memory, handlers, accounting=config.accounting,
+                                         on_first_run=self._first_run if i == 0 else None))
+        self._initial_lapics = [v.vcpu.get_lapic() for v in self.vcpus]
+        self._initial_irqchips = [self.vm.get_irqchip(chip) for chip in range(3)]
+
+    # --- construction ------------------------------------------------------------------------------------
+    def _build_memory(self) -> None:
+        cfg = self.config
+        self.system_memory = MemoryRegion.container("system", 1 << 64)
+        self.system_io = MemoryRegion.container("io", 0x10000)
+        self.memory = AddressSpace("memory", self.system_memory)
+        self.io = AddressSpace("I/O", self.system_io, is_port_space=True)
+        self.memslots = KvmMemslots(self.vm)
+        self.memory.add_listener(self.memslots)
+        self.guest_memory = GuestMemory(self.memory)
+        self.ram = RamBlock("pc.ram", cfg.memory, shared=cfg.memory_backend == "memfd")
+        self.below_4g = min(cfg.memory, BELOW_4G_LIMIT)
+        self.above_4g = cfg.memory - self.below_4g
+        ram_region = MemoryRegion.ram("pc.ram", cfg.memory, block=self.ram)
+        self.ram_region = ram_region
+        low_end = min(self.below_4g, VGA_START)
+        self.system_memory.add_subregion(0, MemoryRegion.alias("ram-low", ram_region, 0, low_end))
+        if self.below_4g > VGA_END:
+            self.system_memory.add_subregion(
+                VGA_END, MemoryRegion.alias("ram-below-4g", ram_region, VGA_END, self.below_4g - VGA_END))
+        if self.above_4g:
+            self.system_memory.add_subregion(
+                FOUR_GIB, MemoryRegion.alias("ram-above-4g", ram_region, self.below_4g, self.above_4g))
+
+    def irq_line(self, gsi: int) -> CallbackIrqLine:
+        vm = self.vm
+        return CallbackIrqLine(lambda level: vm.irq_line(gsi, int(level)))
+
+    def map_port(self, port: int, size: int, name: str, read: Callable[[int, int], int],
+                 write: Callable[[int, int, int], None], describe: Callable[[int], str] | None = None,
+                 owner: str | None = None) -> MemoryRegion:
+        region = MemoryRegion.io(name, size, read, write, owner=owner or name)
+        region.describe = describe
+        self.system_io.add_subregion(port, region)
+        return region
+
+    def map_mmio(self, addr: int, size: int, name: str, read: Callable[[int, int], int],
+                 write: Callable[[int, int, int], None], priority: int = 0) -> MemoryRegion:
+        region = MemoryRegion.io(name, size, read, write)
+        self.system_memory.add_subregion(addr, region, priority)
+        return region
+
+    def _open_chardev(self, spec) -> Chardev:
+        chardev = open_chardev(spec, on_quit=lambda: self.shutdown(0, "quit from the console"),
+                               on_stats=self.stats_report)
+        self.chardevs.append(chardev)
+        return chardev
+
+    def _build_isa_devices(self) -> None:
+        cfg = self.config
+        self.devices: dict[str, object] = {}
+        serial_out = self._open_chardev(cfg.serial)
+        uart = Uart16550("serial0", self.irq_line(4), serial_out.write)
+        serial_out.attach(uart.receive, self.iothread)
+        self.map_port(0x3F8, uart.SIZE, "serial0", uart.read, uart.write, uart.bank.register_name)
+        i8042 = I8042("i8042", self.irq_line(1), self.irq_line(12), on_reset=self._guest_reset)
+        self.map_port(0x60, 1, "i8042-data", lambda o, s: i8042.read(0, s), lambda o, s, v: i8042.write(0, s, v),
+                      lambda o: "i8042.data", owner="i8042")
+        self.map_port(0x64, 1, "i8042-cmd", lambda o, s: i8042.read(4, s), lambda o, s, v: i8042.write(4, s, v),
+                      lambda o: "i8042.status_command", owner="i8042")
+        rtc = CmosRtc("rtc", self.irq_line(8), call_later=self.iothread.call_later)
+        rtc.set_memory_size(self.below_4g, self.above_4g)
+        rtc.set_cpu_count(cfg.cpus)
+        self.map_port(0x70, rtc.SIZE, "rtc", rtc.read, rtc.write, rtc.bank.register_name)
+        post = PostCode("post", log_codes=cfg.log_post)
+        self.map_port(0x80, post.SIZE, "post", post.read, post.write)
+        debugcon_out = self._open_chardev(cfg.debugcon)
+        debugcon = DebugCon("debugcon", debugcon_out.write)
+        self.map_port(0x402, debugcon.SIZE, "debugcon", debugcon.read, debugcon.write)
+        debug_exit = DebugExit("debug-exit", on_exit=self._debug_exit)
+        self.map_port(0xF4, debug_exit.SIZE, "debug-exit", debug_exit.read, debug_exit.write)
+        self.devices.update({"serial0": uart, "i8042": i8042, "rtc": rtc, "post": post, "debugcon": debugcon,
+                             "debug-exit": debug_exit})
+        if "testdev" in cfg.devices:
+            testdev = TestDev("testdev")
+            self.map_port(TESTDEV_PORT, testdev.PORT_SIZE, "testdev", testdev.ports.read, testdev.ports.write,
+                          testdev.ports.register_name)
+            self.map_mmio(TESTDEV_MMIO, testdev.MMIO_SIZE, "testdev", testdev.mmio.read, testdev.mmio.write)
+            self.devices["testdev"] = testdev
+
+    # --- exits that are not port or MMIO accesses ------------------------------------------------------------
+    def _exit_handlers(self) -> dict:
+        return {
+            C.KVM_EXIT_SHUTDOWN: self._on_triple_fault,
+            C.KVM_EXIT_INTERNAL_ERROR: self._on_internal_error,
+            C.KVM_EXIT_FAIL_ENTRY: lambda v, r: self.crash(v, "KVM: entry failed, hardware error "
+                                                           f"{v.vcpu.run.fail_entry.hardware_entry_failure_reason:#x}"),
+            C.KVM_EXIT_SYSTEM_EVENT: self._on_system_event,
+            C.KVM_EXIT_HLT: lambda v, r: self.crash(v, "vCPU halted with no interrupt controller"),
+            C.KVM_EXIT_IRQ_WINDOW_OPEN: lambda v, r: True,
+            None: lambda v, r: self.crash(v, f"unexpected KVM exit {C.EXIT_REASON_NAMES.get(r, r)}"),
+            -1: lambda v, r: self.crash(v, f"vCPU thread failed: {v.error!r}", dump=False),
+        }
+
+    def _on_triple_fault(self, vcpu: VcpuThread, reason: int) -> bool:
+        if self.config.on_reset == "restart":
+            log.warning("vCPU %d triple fault: resetting the machine", vcpu.id)
+            self._guest_reset()
+            return True
+        return self.crash(vcpu, "triple fault (KVM_EXIT_SHUTDOWN)")
+
+    def _on_internal_error(self, vcpu: VcpuThread, reason: int) -> bool:
+        internal = vcpu.vcpu.run.internal
+        lines = [f"KVM internal error. Suberror: {internal.suberror}"]
+        for i in range(min(internal.ndata, 16)):
+            lines.append(f"extra data[{i}]: {internal.data[i]:#018x}")
+        if internal.suberror == C.KVM_INTERNAL_ERROR_EMULATION:
+            lines.append("emulation failure")
+        return self.crash(vcpu, "\n".join(lines))
+
+    def _on_system_event(self, vcpu: VcpuThread, reason: int) -> bool:
+        kind = vcpu.vcpu.run.system_event.type
+        if kind == C.KVM_SYSTEM_EVENT_SHUTDOWN:
+            self.shutdown(0, "guest powered off")
+            return False
+        if kind == C.KVM_SYSTEM_EVENT_RESET:
+            self._guest_reset()
+            return True
+        return self.crash(vcpu, f"guest crash event (system event {kind})")
+
+    def _debug_exit(self, status: int, value: int) -> None:
+        self.shutdown(status, f"debug-exit port written with {value:#x}")
+
+    def _guest_reset(self) -> None:
+        """The guest pulled the reset line (i8042, triple fault with --on-reset restart, KVM reset event)."""
+        if self.config.on_reset == "restart":
+            self.iothread.call_soon(self.reset)      # not on the vCPU thread: reset pauses every vCPU
+        else:
+            self.shutdown(0, "guest reset (use --on-reset restart to reboot instead)")
+
+    def cpu_state(self, vcpu: VcpuThread) -> str:
+        """QEMU-style register dump of a vCPU (on its own thread, or while it is paused)."""
+        def dump() -> str:
+            regs, sregs = vcpu.vcpu.get_regs(), vcpu.vcpu.get_sregs()
+            code = cpu_dump.read_code(sregs, regs.rip, vcpu.vcpu.translate, self.guest_memory.read)
+            return cpu_dump.format_cpu_state(regs, sregs, *(code or (None,)))
+        return vcpu.call(dump)
+
+    def crash(self, vcpu: VcpuThread, message: str, dump: bool = True) -> bool:
+        text = f"pyhv: vCPU {vcpu.id}: {message}"
+        if dump:
+            try:
+                text += "\n" + self.cpu_state(vcpu)
+            except OSError as e:
+                text += f"\n(registers unavailable: {e})"
+        print(text, file=sys.stderr, flush=True)
+        self.shutdown(EXIT_GUEST_CRASHED, message.splitlines()[0])
+        return False
+
+    # --- lifecycle -----------------------------------------------------------------------------------------
+    def _first_run(self) -> None:
+        self.first_run_monotonic = time.monotonic()
+
+    def _emit(self, event: str, **data: object) -> None:
+        for listener in list(self.listeners):
+            try:
+                listener(event, data)
+            except Exception:
+                log.exception("event listener failed")
+
+    def start(self) -> None:
+        with self._lifecycle:
+            if self.state != "created":
+                raise RuntimeError(f"machine already {self.state}")
+            self.iothread.start()
+            self.state = "running"
+            for v in self.vcpus:
+                v.start()
+
+    def wait(self, timeout: float | None = None) -> int | None:
+        """Block until the VM ends (returns its exit status) or `timeout` passes (returns None)."""
+        if not self._done.wait(timeout):
+            return None
+        self._teardown()
+        return self.exit_status
+
+    def run(self) -> int:
+        self.start()
+        try:
+            status = self.wait()
+        except KeyboardInterrupt:
+            self.shutdown(130, "interrupted")
+            status = self.wait()
+        return status
+
+    def shutdown(self, status: int, reason: str = "") -> None:
+        """End the VM with `status` (the first caller's status wins). Safe from any thread, vCPUs included."""
+        with self._lifecycle:
+            if self.exit_status is not None:
+                return
+            self.exit_status, self.exit_reason = status, reason
+            self.state = "shutdown"
+            log.info("VM ends (status %d): %s", status, reason)
+            for v in self.vcpus:
+                v.resume()
+                v.request_stop()
+        self._emit("SHUTDOWN", guest=True, reason=reason)
+        self._done.set()
+
+    def _teardown(self) -> None:
+        for v in self.vcpus:
+            v.request_stop()
+        for v in self.vcpus:
+            v.join(timeout=5)
+        self.iothread.stop()
+        for chardev in self.chardevs:
+            chardev.close()
+
+    def pause(self) -> None:
+        with self._lifecycle:
+            if self.state != "running":
+                return
+            for v in self.vcpus:
+                v.request_pause()
+            for v in self.vcpus:
+                if not v.wait_paused():
+                    log.warning("vCPU %d did not pause within 5 s", v.id)
+            self.state = "paused"
+        self._emit("STOP")
+
+    def resume(self) -> None:
+        with self._lifecycle:
+            if self.state != "paused":
+                return
+            for v in self.vcpus:
+                v.resume()
+            self.state = "running"
+        self._emit("RESUME")
+
+    def reset(self) -> None:
+        """System reset: devices, interrupt controllers and vCPUs to their power-on state; RAM is kept."""
+        with self._lifecycle:
+            if self.state == "shutdown":
+                return
+            was_running = self.state == "running"
+            self.pause()
+            for device in self.devices.values():
+                reset = getattr(device, "reset", None)
+                if reset:
+                    reset()
+            for chip in self._initial_irqchips:
+                self.vm.set_irqchip(chip)
+            for v, lapic in zip(self.vcpus, self._initial_lapics):
+                v.vcpu.set_lapic(lapic)
+                reset_state(v.vcpu, self.processor_signature)
+                v.vcpu.set_mp_state(C.KVM_MP_STATE_RUNNABLE if v.id == 0 else C.KVM_MP_STATE_UNINITIALIZED)
+            if was_running:
+                self.resume()
+        self._emit("RESET", guest=True)
+
+    # --- statistics ----------------------------------------------------------------------------------------
+    def exit_stats(self) -> ExitStats:
+        return ExitStats.merge([v.stats for v in self.vcpus])
+
+    def port_owner(self, port: int) -> str:
+        fr = self.io.view.port_table[port]
+        if fr.region is None:
+            return "unassigned"
+        describe = getattr(fr.region, "describe", None)
+        return describe(port - fr.start + fr.offset) if describe else fr.region.name
+
+    def stats_report(self) -> str:
+        stats = self.exit_stats()
+        header = (f"pyhv exit statistics ({self.config.cpus} vCPU{'s' if self.config.cpus > 1 else ''}; "
+                  f"KVM: {self.flavour.description})")
+        text = stats.report(self.port_owner, header)
+        if len(self.vcpus) > 1:
+            text += "\n  per vCPU: " + ", ".join(f"vCPU {v.id}: {v.stats.exits}" for v in self.vcpus)
+        extra = [f"unassigned port accesses: {self.io.unassigned_reads} reads, {self.io.unassigned_writes} writes",
+                 f"unassigned MMIO accesses: {self.memory.unassigned_reads} reads, "
+                 f"{self.memory.unassigned_writes} writes; ROM writes dropped: {self.memory.rom_writes_dropped}"]
+        post = self.devices.get("post")
+        if post is not None:
+            extra.append(f"POST codes: {post.state.writes} writes, last {post.state.last:#04x}")
+        return text + "\n  " + "\n  ".join(extra)
+
+    def dump_mtree(self) -> str:
+        return self.memory.dump_tree() + "\n\n" + self.io.dump_tree()
+
+    def close(self) -> None:
+        """Free KVM and host resources (after wait(), or for a machine that never started)."""
+        if self.state in ("running", "paused"):
+            self.shutdown(0, "closed")
+            self.wait()
+        elif self.state == "created":
+            for chardev in self.chardevs:
+                chardev.close()
+            self.iothread.stop()
+        for v in self.vcpus:
+            v.vcpu.close()
+        self.vm.close()
+        self.iothread.close()
