@@ -20,18 +20,23 @@ start:
     puts16 time_text
     mov $0x04, %al
     call cmos_byte
+    call colon
     mov $0x02, %al
     call cmos_byte
+    call colon
     mov $0x00, %al
     call cmos_byte
     puts16 bye
-    exit16 0x00
+    mov $0xfe, %al              /* pulse the i8042 reset line: pyhv ends the VM with status 0 */
+    out %al, $0x64
+1:  hlt
+    jmp 1b
 
-cmos_byte:                      /* print the BCD CMOS register %al as two digits and a separator */
+cmos_byte:                      /* print the BCD CMOS register %al as two digits */
     out %al, $0x70
     in $0x71, %al
-    xor %ah, %ah
-    call puthex16
+    jmp puthex8
+colon:
     mov $':', %al
     mov $COM1, %dx
     out %al, %dx
@@ -40,7 +45,7 @@ cmos_byte:                      /* print the BCD CMOS register %al as two digits
 banner:   .asciz "\r\n*** pyhv demo guest: real mode on a pyhv PC (see README; Linux replaces this demo) ***\r\n"
 mem_text: .asciz "RAM (from CMOS, hex MiB): 0x"
 mib_text: .asciz "\r\n"
-time_text:.asciz "RTC time (UTC, BCD, 00hh:00mm:00ss): "
-bye:      .asciz "\r\nbye: exiting through the debug-exit port\r\n"
+time_text:.asciz "RTC time (UTC): "
+bye:      .asciz "\r\nbye: resetting through the i8042 (pyhv ends the VM, status 0)\r\n"
 #include "lib16.inc"
 RESET_VECTOR

@@ -1,0 +1,65 @@
+"""Shared test fixtures.
+
+Tests marked `kvm` need a usable /dev/kvm: without one they are skipped with the reason, unless
+PYHV_REQUIRE_KVM=1 (as in CI), where they fail instead.
+"""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "tests" / "guests"))
+
+import build as guest_build  # noqa: E402  (tests/guests/build.py)
+
+
+def kvm_unavailable_reason() -> str | None:
+    try:
+        fd = os.open("/dev/kvm", os.O_RDWR)
+    except OSError as e:
+        return f"/dev/kvm unusable: {e.strerror}"
+    os.close(fd)
+    return None
+
+
+def pytest_runtest_setup(item):
+    if "kvm" not in item.keywords:
+        return
+    reason = kvm_unavailable_reason()
+    if reason is not None:
+        if os.environ.get("PYHV_REQUIRE_KVM") == "1":
+            pytest.fail(f"PYHV_REQUIRE_KVM=1 but {reason}", pytrace=False)
+        pytest.skip(reason)
+
+
+@pytest.fixture(scope="session")
+def guest():
+    """guest(name, **defines) -> path of a built test guest image (tests/guests/<name>.S)."""
+    def build(name: str, **defines) -> str:
+        return str(guest_build.build(name, defines))
+    return build
+
+
+@dataclass
+class PyhvResult:
+    status: int
+    stdout: str
+    stderr: str
+
+
+@pytest.fixture
+def pyhv_run():
+    """pyhv_run(*args, timeout=60, input=None) runs `python -m pyhv.cli` in a subprocess."""
+    def run(*args: str, timeout: float = 60, input: bytes | None = None, env: dict | None = None) -> PyhvResult:
+        proc = subprocess.run([sys.executable, "-m", "pyhv.cli", *args], capture_output=True, timeout=timeout,
+                              input=input if input is not None else b"", cwd=ROOT,
+                              env={**os.environ, **(env or {})})
+        return PyhvResult(proc.returncode, proc.stdout.decode(errors="replace"),
+                          proc.stderr.decode(errors="replace"))
+    return run
