@@ -27,6 +27,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests"))
 
 from qemu_guest import run_guest, vhost_user_blk  # noqa: E402
+from vhost_helpers import spawn_listener, unique_socket  # noqa: E402
 
 WORKLOADS = [("seqread", 1, "seq read 1M"), ("seqwrite", 1, "seq write 1M"), ("randread", 1, "rand read 4K QD1"),
              ("randread", 32, "rand read 4K QD32")]
@@ -60,7 +61,7 @@ def guest_assets(args):
 
 class BackendProc:
     def __init__(self, kind: str, image: Path, tmp: Path) -> None:
-        self.socket = str(tmp / f"{kind}-{os.getpid()}-{time.monotonic_ns() % 10**6}.sock")
+        self.socket = unique_socket(tmp, kind)
         if kind == "pyhv":
             cmd = [sys.executable, "-m", "pyhv.cli", "vhost-user-backend", "--type", "blk", "--socket",
                    self.socket, "--image", str(image)]
@@ -70,12 +71,7 @@ class BackendProc:
                    "--blockdev", "driver=raw,node-name=disk0,file=file0",
                    "--export", f"type=vhost-user-blk,id=exp0,node-name=disk0,addr.type=unix,"
                                f"addr.path={self.socket},writable=on,num-queues=1"]
-        self.proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-        deadline = time.monotonic() + 30
-        while not os.path.exists(self.socket):
-            if self.proc.poll() is not None or time.monotonic() > deadline:
-                raise SystemExit(f"bench: {kind} back end did not start: {self.proc.stderr.read().decode()}")
-            time.sleep(0.05)
+        self.proc = spawn_listener(cmd, self.socket, subprocess.DEVNULL)
 
     def stop(self) -> None:
         self.proc.terminate()

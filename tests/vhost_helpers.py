@@ -19,21 +19,32 @@ ROOT = Path(__file__).resolve().parent.parent
 UADDR_BASE = 0x7F00_0000_0000         # the "front-end user address" of guest address 0
 
 
+def unique_socket(directory: Path, name: str) -> str:
+    return str(directory / f"{name}-{os.getpid()}-{time.monotonic_ns() % 10 ** 6}.sock")
+
+
+def spawn_listener(cmd: list[str], socket_path: str, log) -> subprocess.Popen:
+    """Start a server process and wait (bounded) until its Unix socket exists."""
+    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT)
+    deadline = time.monotonic() + 30
+    while not os.path.exists(socket_path):
+        if proc.poll() is not None or time.monotonic() > deadline:
+            proc.kill()
+            proc.wait()
+            raise RuntimeError(f"{cmd[0]} did not start listening on {socket_path}")
+        time.sleep(0.05)
+    return proc
+
+
 class Backend:
     """`pyhv vhost-user-backend` in a subprocess, its log in a file."""
 
     def __init__(self, tmp_path: Path, *args: str, prefix: list[str] | None = None, name: str = "be") -> None:
-        self.socket = str(tmp_path / f"{name}-{os.getpid()}-{time.monotonic_ns() % 100000}.sock")
+        self.socket = unique_socket(tmp_path, name)
         self.log_path = tmp_path / f"{name}.log"
         self._log = open(self.log_path, "wb")
-        self.proc = subprocess.Popen([*(prefix or []), sys.executable, "-m", "pyhv.cli", "vhost-user-backend",
-                                      "--socket", self.socket, "--log-level", "info", *args],
-                                     stdout=self._log, stderr=subprocess.STDOUT, cwd=ROOT)
-        deadline = time.monotonic() + 30
-        while not os.path.exists(self.socket):
-            if self.proc.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"back end did not start: {self.log()}")
-            time.sleep(0.05)
+        self.proc = spawn_listener([*(prefix or []), sys.executable, "-m", "pyhv.cli", "vhost-user-backend",
+                                    "--socket", self.socket, "--log-level", "info", *args], self.socket, self._log)
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")
