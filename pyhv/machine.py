@@ -84,6 +84,10 @@ class Machine:
             raise ConfigError("--kernel is not supported by this build yet", "boot firmware with --firmware")
         else:
             raise ConfigError("nothing to boot", "give --firmware FILE (or --kernel FILE)")
+        self.board = None
+        if config.machine == "pc":
+            from pyhv.pc_board import PcBoard
+            self.board = PcBoard(self)
 
         supported = self.kvm.supported_cpuid()
         self.processor_signature = processor_signature(supported)
@@ -388,5 +392,7 @@ class Machine:
             self.iothread.stop()
         for v in self.vcpus:
             v.vcpu.close()
+        if self.board is not None:
+            self.board.close()
         self.vm.close()
         self.iothread.close()
