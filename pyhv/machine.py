@@ -378,6 +378,9 @@ class Machine:
             extra.append(f"POST codes: {post.state.writes} writes, last {post.state.last:#04x}")
         return text + "\n  " + "\n  ".join(extra)
 
+    def dump_pci(self) -> str:
+        return self.board.bus.dump() if self.board is not None else "(no PCI bus on this machine type)"
+
     def dump_mtree(self) -> str:
         return self.memory.dump_tree() + "\n\n" + self.io.dump_tree()
 

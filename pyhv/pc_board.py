@@ -75,6 +75,28 @@ class PcBoard:
         machine.devices.update({"pci-host": self.host, "pci": self.bus, "fw_cfg": self.fw_cfg,
                                 "port92": self.port92})
         self._fill_fw_cfg()
+        self.virtio: list = []
+        for i, drive in enumerate(cfg.drives):
+            self.add_drive(drive, i)
+
+    def add_drive(self, drive, position: int) -> PciDevice:
+        from pyhv.virtio.blk import VirtioBlk
+        from pyhv.virtio.pci import VirtioPciDevice
+
+        m = self.machine
+        backend = VirtioBlk.from_config(drive)
+        name = f"virtio-blk{position}"
+        dev = VirtioPciDevice(name, backend, m.guest_memory, m.iothread,
+                              msi_routes=self.msi_routes if m.config.msix else None,
+                              use_ioeventfd=m.config.ioeventfd, ioeventfd=self._ioeventfd)
+        self.virtio.append(dev)
+        m.devices[name] = dev
+        boot_index = drive.bootindex if drive.bootindex is not None else 1000 + position
+        return self.plug(dev, boot_index=boot_index)
+
+    def _ioeventfd(self, fd: int, addr: int, length: int, deassign: bool) -> None:
+        from pyhv.kvm.system import IoEventFd
+        self.machine.vm.ioeventfd(IoEventFd(fd, addr, length, False, None), deassign=deassign)
 
     # --- PCI devices ----------------------------------------------------------------------------------------------
     def plug(self, device: PciDevice, slot: int | None = None, boot_index: int | None = None) -> PciDevice:
@@ -126,4 +148,6 @@ class PcBoard:
         return self.gsi_router.msi_routes(name, count)
 
     def close(self) -> None:
+        for dev in self.virtio:
+            dev.close()
         self.gsi_router.close()
