@@ -53,6 +53,12 @@ def _add_run_options(p: argparse.ArgumentParser) -> None:
                     help="anon: private memory; memfd: shareable with other processes (vhost-user)")
     hw.add_argument("--device", action="append", default=[], metavar="NAME",
                     help="add a device: testdev (port 0xe0 and MMIO 0xfe800000 scratch registers for tests)")
+    hw.add_argument("--drive", action="append", default=[], metavar="SPEC",
+                    help="virtio-blk disk (--machine pc): file=PATH[,readonly=on][,cache=none|writeback]"
+                         "[,serial=ID][,num-queues=N][,bootindex=N]; repeat for more disks")
+    hw.add_argument("--no-ioeventfd", action="store_true",
+                    help="virtio notifications exit to pyhv instead of being handled by KVM (for comparison)")
+    hw.add_argument("--no-msix", action="store_true", help="PCI devices offer no MSI-X: interrupts are INTx only")
     io = p.add_argument_group("consoles")
     io.add_argument("--serial", default="stdio", metavar="BACKEND",
                     help="serial port 0x3f8: stdio | file:PATH | socket:PATH | pty | none (default: stdio)")
@@ -70,6 +76,9 @@ def _add_run_options(p: argparse.ArgumentParser) -> None:
                            help="do not count exits (measures what accounting costs)")
     behaviour.add_argument("--dump-mtree", action="store_true",
                            help="print the memory and I/O region trees (like QEMU's 'info mtree') and exit")
+    behaviour.add_argument("--dump-pci", action="store_true",
+                           help="list the PCI devices (like lspci, with the BARs the firmware assigned) when the "
+                                "VM ends")
     behaviour.add_argument("--log-post", action="store_true", help="log each POST code written to port 0x80")
 
 
@@ -99,14 +108,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 def config_from_args(args: argparse.Namespace) -> "VmConfig":
     from pyhv.chardev import ChardevSpec
-    from pyhv.config import VmConfig, parse_size
+    from pyhv.config import DriveConfig, VmConfig, parse_size
 
     return VmConfig(
         machine=args.machine, memory=parse_size(args.memory), cpus=args.cpus, memory_backend=args.memory_backend,
         firmware=args.firmware, kernel=args.kernel, initrd=args.initrd, append=args.append,
         serial=ChardevSpec.parse(args.serial, "--serial"), debugcon=ChardevSpec.parse(args.debugcon, "--debugcon"),
         on_reset=args.on_reset, devices=list(args.device), log_post=args.log_post,
-        accounting=not args.no_accounting,
+        accounting=not args.no_accounting, drives=[DriveConfig.parse(d) for d in args.drive],
+        ioeventfd=not args.no_ioeventfd, msix=not args.no_msix,
     ).validate()
 
 
@@ -120,6 +130,8 @@ def cmd_run(args: argparse.Namespace) -> int:
             print(machine.dump_mtree())
             return 0
         status = machine.run()
+        if args.dump_pci:
+            print(machine.dump_pci())
         if args.stats:
             print(machine.stats_report(), file=sys.stderr)
         if args.stats_json:

@@ -46,6 +46,40 @@ class DriveConfig:
     serial: str | None = None
     num_queues: int = 1
     format: str = "raw"
+    bootindex: int | None = None    # firmware boot order (fw_cfg `bootorder`); lower boots first
+
+    @classmethod
+    def parse(cls, text: str) -> "DriveConfig":
+        """`file=PATH[,readonly=on][,cache=none|writeback][,serial=ID][,num-queues=N][,bootindex=N]`; a bare
+        PATH is `file=PATH`."""
+        fields_: dict = {}
+        for i, part in enumerate(text.split(",")):
+            key, eq, value = part.partition("=")
+            if not eq:
+                if i == 0:
+                    key, value = "file", part
+                else:
+                    raise ConfigError(f"--drive {text!r}: {part!r} is not KEY=VALUE")
+            key = key.strip().replace("-", "_")
+            if key == "file":
+                fields_["file"] = value
+            elif key == "readonly":
+                if value not in ("on", "off", "true", "false", "1", "0", "yes", "no"):
+                    raise ConfigError(f"--drive {text!r}: readonly={value} is not on or off")
+                fields_["readonly"] = value in ("on", "true", "1", "yes")
+            elif key in ("cache", "serial", "format"):
+                fields_[key] = value
+            elif key in ("num_queues", "bootindex"):
+                try:
+                    fields_[key] = int(value, 0)
+                except ValueError:
+                    raise ConfigError(f"--drive {text!r}: {key.replace('_', '-')}={value} is not a number") from None
+            else:
+                raise ConfigError(f"--drive {text!r}: unknown option {key.replace('_', '-')!r}",
+                                  "use file, readonly, cache, serial, num-queues, bootindex, format")
+        if not fields_.get("file"):
+            raise ConfigError(f"--drive {text!r}: no file", "write --drive file=PATH")
+        return cls(**fields_)
 
     def validate(self) -> None:
         if self.cache not in ("writeback", "none"):
@@ -81,6 +115,8 @@ class VmConfig:
     drives: list[DriveConfig] = field(default_factory=list)
     log_post: bool = False
     accounting: bool = True
+    ioeventfd: bool = True          # virtio notifications handled in the kernel (False: they exit to pyhv)
+    msix: bool = True               # PCI devices offer MSI-X (False: INTx only)
 
     def validate(self) -> "VmConfig":
         if self.machine not in MACHINES:
@@ -112,6 +148,8 @@ class VmConfig:
                               "microvm boots a kernel directly, without firmware")
         for drive in self.drives:
             drive.validate()
+        if self.drives and self.machine != "pc":
+            raise ConfigError("--drive needs --machine pc", "virtio disks are PCI devices of the pc machine")
         return self
 
     def to_dict(self) -> dict:

@@ -84,6 +84,10 @@ class Machine:
             raise ConfigError("--kernel is not supported by this build yet", "boot firmware with --firmware")
         else:
             raise ConfigError("nothing to boot", "give --firmware FILE (or --kernel FILE)")
+        self.board = None
+        if config.machine == "pc":
+            from pyhv.pc_board import PcBoard
+            self.board = PcBoard(self)
 
         supported = self.kvm.supported_cpuid()
         self.processor_signature = processor_signature(supported)
@@ -374,6 +378,9 @@ class Machine:
             extra.append(f"POST codes: {post.state.writes} writes, last {post.state.last:#04x}")
         return text + "\n  " + "\n  ".join(extra)
 
+    def dump_pci(self) -> str:
+        return self.board.bus.dump() if self.board is not None else "(no PCI bus on this machine type)"
+
     def dump_mtree(self) -> str:
         return self.memory.dump_tree() + "\n\n" + self.io.dump_tree()
 
@@ -388,5 +395,7 @@ class Machine:
             self.iothread.stop()
         for v in self.vcpus:
             v.vcpu.close()
+        if self.board is not None:
+            self.board.close()
         self.vm.close()
         self.iothread.close()
