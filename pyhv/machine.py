@@ -275,13 +275,21 @@ class Machine:
         return self.exit_status
 
     def run(self) -> int:
+        """start() and wait(); SIGINT and SIGTERM (in the main thread) end the VM cleanly with 130 / 143."""
+        import signal
+        previous = None
+        if threading.current_thread() is threading.main_thread():
+            previous = signal.signal(signal.SIGTERM, lambda signum, frame: self.shutdown(143, "terminated"))
         self.start()
         try:
-            status = self.wait()
-        except KeyboardInterrupt:
-            self.shutdown(130, "interrupted")
-            status = self.wait()
-        return status
+            while True:
+                try:
+                    return self.wait()
+                except KeyboardInterrupt:
+                    self.shutdown(130, "interrupted")
+        finally:
+            if previous is not None:
+                signal.signal(signal.SIGTERM, previous)
 
     def shutdown(self, status: int, reason: str = "") -> None:
         """End the VM with `status` (the first caller's status wins). Safe from any thread, vCPUs included."""
