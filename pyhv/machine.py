@@ -243,8 +243,12 @@ class Machine:
                 text += "\n" + self.cpu_state(vcpu)
             except OSError as e:
                 text += f"\n(registers unavailable: {e})"
-        print(text, file=sys.stderr, flush=True)
-        self.shutdown(EXIT_GUEST_CRASHED, message.splitlines()[0])
+        try:
+            print(text, file=sys.stderr, flush=True)
+        except OSError:
+            pass               # stderr closed (a pipe whose reader left): the VM must still end
+        finally:
+            self.shutdown(EXIT_GUEST_CRASHED, message.splitlines()[0])
         return False
 
     # --- lifecycle -----------------------------------------------------------------------------------------

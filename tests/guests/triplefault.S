@@ -10,7 +10,7 @@ start:
 pm:
     pm32_segments
     lidt (ROM_BASE + empty_idt)
-    int3
+    ud2
     hlt
 msg: .asciz "triplefault: breaking the IDT\r\n"
 empty_idt: .word 0
