@@ -52,7 +52,10 @@ def _add_run_options(p: argparse.ArgumentParser) -> None:
     hw.add_argument("--memory-backend", choices=("anon", "memfd"), default="anon",
                     help="anon: private memory; memfd: shareable with other processes (vhost-user)")
     hw.add_argument("--device", action="append", default=[], metavar="NAME",
-                    help="add a device: testdev (port 0xe0 and MMIO 0xfe800000 scratch registers for tests)")
+                    help="add a device: testdev (port 0xe0 and MMIO 0xfe800000 scratch registers for tests); "
+                         "vhost-user-blk-pci,socket=PATH (also -net-, -rng-, and vhost-user-pci,type=T,socket=PATH: "
+                         "a virtio device served by a vhost-user back end; needs --machine pc --memory-backend "
+                         "memfd)")
     hw.add_argument("--drive", action="append", default=[], metavar="SPEC",
                     help="virtio-blk disk (--machine pc): file=PATH[,readonly=on][,cache=none|writeback]"
                          "[,serial=ID][,num-queues=N][,bootindex=N]; repeat for more disks")
