@@ -38,6 +38,13 @@ def format_size(n: int) -> str:
     return str(n)
 
 
+def _int_option(flag: str, text: str, key: str, value: str) -> int:
+    try:
+        return int(value, 0)
+    except ValueError:
+        raise ConfigError(f"{flag} {text!r}: {key.replace('_', '-')}={value} is not a number") from None
+
+
 @dataclass
 class DriveConfig:
     file: str
@@ -70,10 +77,7 @@ class DriveConfig:
             elif key in ("cache", "serial", "format"):
                 fields_[key] = value
             elif key in ("num_queues", "bootindex"):
-                try:
-                    fields_[key] = int(value, 0)
-                except ValueError:
-                    raise ConfigError(f"--drive {text!r}: {key.replace('_', '-')}={value} is not a number") from None
+                fields_[key] = _int_option("--drive", text, key, value)
             else:
                 raise ConfigError(f"--drive {text!r}: unknown option {key.replace('_', '-')!r}",
                                   "use file, readonly, cache, serial, num-queues, bootindex, format")
@@ -132,10 +136,7 @@ class VhostUserConfig:
                 except ValueError:
                     raise ConfigError(f"--device {text!r}: type={value} is not blk, net, rng or a number") from None
             elif key in ("num_queues", "queue_size", "bootindex"):
-                try:
-                    opts[key] = int(value, 0)
-                except ValueError:
-                    raise ConfigError(f"--device {text!r}: {key.replace('_', '-')}={value} is not a number") from None
+                opts[key] = _int_option("--device", text, key, value)
             else:
                 raise ConfigError(f"--device {text!r}: unknown option {key.replace('_', '-')!r}",
                                   "use socket, num-queues, queue-size, bootindex, mac, type (vhost-user-pci)")
