@@ -8,10 +8,11 @@ import random
 import subprocess
 import sys
 import textwrap
+import time
 
 import pytest
 
-from qemu_guest import run_guest, vhost_user_blk
+from qemu_guest import qemu_command, run_guest, vhost_user_blk
 from vhost_helpers import Backend
 
 pytestmark = pytest.mark.slow
@@ -120,6 +121,41 @@ def test_discard_punches_holes(linux_guest, tmp_path, blk_image):
         data = f.read()
     assert data[8 * MiB:40 * MiB] == bytes(32 * MiB)
     assert data[:8 * MiB] == b"\xA5" * (8 * MiB) and data[40 * MiB:] == b"\xA5" * (24 * MiB)
+
+
+def test_front_end_killed_mid_io_then_reconnects(linux_guest, tmp_path, blk_image):
+    """QEMU is SIGKILLed while its guest streams writes; the back end logs the disconnect, cleans up and serves
+    the next QEMU, which reads back what the host wrote meanwhile."""
+    be = start_blk(tmp_path, blk_image)
+    try:
+        qemu = subprocess.Popen(qemu_command(linux_guest, "echo WRITING; dd if=/dev/zero of=/dev/vda bs=1M "
+                                             "count=100000 oflag=direct", vhost_user_blk(be.socket)),
+                                stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+        try:
+            for line in qemu.stdout:                  # the guest has started writing
+                if b"WRITING" in line:
+                    break
+            for _ in range(600):                      # until its writes reach the (sparse) image
+                if os.stat(blk_image).st_blocks:
+                    break
+                time.sleep(0.2)
+            assert os.stat(blk_image).st_blocks, "the guest's writes never reached the image"
+        finally:
+            qemu.kill()                               # mid-I/O: dd is still running
+            qemu.wait()
+        marker = os.urandom(4096)
+        with open(blk_image, "r+b") as f:             # the host changes the disk between the two front ends
+            f.seek(60 * MiB)
+            f.write(marker)
+        run = run_guest(linux_guest, "echo sum=$(dd if=/dev/vda bs=4096 skip=15360 count=1 2>/dev/null | "
+                                     "sha256sum | cut -d' ' -f1)", vhost_user_blk(be.socket))
+        assert be.alive()
+    finally:
+        be.stop()
+    assert run.status == 0, run.console[-3000:]
+    assert run.value("sum") == hashlib.sha256(marker).hexdigest()
+    log = be.log()
+    assert log.count("front end connected") == 2 and "front end disconnected" in log
 
 
 def test_rng_gives_bytes(linux_guest, tmp_path):
