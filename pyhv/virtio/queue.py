@@ -23,14 +23,17 @@ Buffers are zero-copy memoryviews into guest memory, so the device can pass them
 socket directly. The queue reads each descriptor exactly once, so a driver changing the table under the device
 cannot make a checked value differ from the used one.
 
-Memory ordering: x86 keeps stores in order and loads in order, which the ring protocol needs; the store of the
-used index and the later load of used_event (event idx) are separated by enough interpreter work that the store
-has left the store buffer.
+Memory ordering: x86 keeps stores in order and loads in order, which the ring protocol needs, but may let a load
+pass an earlier store. Where the protocol needs a full barrier (store the used index, then load used_event or the
+avail flags; store avail_event, then load the avail index) `full_barrier()` issues one: acquiring an uncontended
+lock is a locked read-modify-write, a full fence on x86. Without it the device and the driver can each miss the
+other's update and neither notifies: a ring that stalls for good.
 """
 from __future__ import annotations
 
 import logging
 import struct
+import threading
 from dataclasses import dataclass, field
 
 from pyhv.memory.guest import GuestMemoryError
@@ -52,6 +55,15 @@ MAX_CHAIN_BYTES = 1 << 32
 _DESC = struct.Struct("<QIHH")          # addr, len, flags, next
 _U16 = struct.Struct("<H")
 _USED_ELEM = struct.Struct("<II")       # id, len
+
+
+_fence = threading.Lock()
+
+
+def full_barrier() -> None:
+    """A full memory barrier (the lock's atomic read-modify-write)."""
+    _fence.acquire()
+    _fence.release()
 
 
 class VirtQueueError(Exception):
@@ -275,6 +287,7 @@ class VirtQueue:
         if old == new:
             return False
         st.signalled_used = new
+        full_barrier()                      # the used index is visible before we read the driver's wish
         if st.event_idx:
             used_event = _U16.unpack_from(self._avail, self._used_event_off)[0]
             return ((new - used_event - 1) & 0xFFFF) < ((new - old) & 0xFFFF)
@@ -294,4 +307,5 @@ class VirtQueue:
             _U16.pack_into(self._used, self._avail_event_off, st.next_avail)
         else:
             _U16.pack_into(self._used, 0, 0)
+        full_barrier()                      # the driver sees our wish before we look at its index once more
         return self.avail_idx() != st.next_avail
