@@ -9,7 +9,9 @@
     if q.enable_notification(): ...            # True: the driver added buffers meanwhile, pop again
 
 `memory` is anything with `view(gpa, length, write=False) -> memoryview` that raises `GuestMemoryError` for a
-range outside RAM: pyhv's `GuestMemory`, or the vhost-user back end's map of the front end's memory.
+range outside RAM: pyhv's `GuestMemory`, or the vhost-user back end's map of the front end's memory. If it also
+has `span(gpa) -> (start, end, view, readonly) | None` (the contiguous range holding gpa), buffers inside the
+range of the previous one are sliced directly (a chain of 256 pages costs one lookup, not 256).
 
 Everything the driver wrote is checked before the device sees it: ring addresses and alignment, the available
 index (never more than `size` ahead of the device), descriptor indices, chain length (a loop in the descriptor
@@ -166,6 +168,8 @@ class VirtQueue:
             self._used = memory.view(used_addr, 6 + 8 * size, write=True)
         except GuestMemoryError as e:
             raise VirtQueueError(f"queue {index}: ring outside guest memory: {e}") from None
+        # optional fast path: memory.span(gpa) -> (start, end, view, readonly) of the RAM range holding gpa
+        self._span = getattr(memory, "span", None)
         self._used_event_off = 4 + 2 * size
         self._avail_event_off = 4 + 8 * size
 
@@ -195,16 +199,24 @@ class VirtQueue:
         size = self.size
         if head >= size:
             raise VirtQueueError(f"queue {self.index}: head descriptor index {head} is not below the size {size}")
-        memory = self.memory
+        view, span = self.memory.view, self._span
+        lo = hi = 0                         # the last RAM range a buffer fell in (from `span`): [lo, hi)
+        base: memoryview | None = None
+        writable_range = False
+        run_start = run_end = run_lo = -1           # the buffer being extended by adjacent descriptors
+        run_write = 0
         chain = DescriptorChain(head)
         readable, writable = chain.readable, chain.writable
-        table, limit = self._desc, size
-        i, count, total = head, 0, 0
+        desc = self._desc
+        fetch = lambda i: _DESC.unpack_from(desc, DESC_SIZE * i)   # noqa: E731
+        limit = size
+        i, count, rlen, wlen = head, 0, 0, 0
         in_indirect = False
         while True:
-            addr, length, flags, nxt = _DESC.unpack_from(table, DESC_SIZE * i)
+            addr, length, flags, nxt = fetch(i)
             if flags & VIRTQ_DESC_F_INDIRECT:
                 table, limit = self._indirect_table(addr, length, flags, in_indirect, count)
+                fetch = list(_DESC.iter_unpack(table)).__getitem__     # the table read once, as a whole
                 in_indirect, i = True, 0
                 continue
             count += 1
@@ -212,27 +224,43 @@ class VirtQueue:
                 raise VirtQueueError(f"queue {self.index}: chain from head {head} is longer than "
                                      f"{limit} descriptors (a loop?)")
             if length:
-                total += length
-                try:
-                    if flags & VIRTQ_DESC_F_WRITE:
-                        writable.append(memory.view(addr, length, True))
-                        chain.writable_len += length
+                write = flags & VIRTQ_DESC_F_WRITE
+                if not write and writable:
+                    raise VirtQueueError(f"queue {self.index}: chain from head {head} has a "
+                                         "device-readable buffer after a device-writable one")
+                if not (lo <= addr and addr + length <= hi and (writable_range or not write)):
+                    found = span(addr) if span is not None else None
+                    if found is not None:
+                        lo, hi, base, readonly = found
+                        writable_range = not readonly
+                bufs = writable if write else readable
+                if lo <= addr and addr + length <= hi and (writable_range or not write):
+                    if addr == run_end and write == run_write and lo == run_lo:
+                        # continues the previous buffer in memory: one longer view (fewer iovecs)
+                        bufs[-1] = base[run_start - lo:addr - lo + length]
                     else:
-                        if writable:
-                            raise VirtQueueError(f"queue {self.index}: chain from head {head} has a "
-                                                 "device-readable buffer after a device-writable one")
-                        readable.append(memory.view(addr, length))
-                        chain.readable_len += length
-                except GuestMemoryError as e:
-                    raise VirtQueueError(f"queue {self.index}: descriptor {i} of chain {head}: {e}") from None
+                        bufs.append(base[addr - lo:addr - lo + length])   # a slice of the known range
+                        run_start, run_lo, run_write = addr, lo, write
+                    run_end = addr + length
+                else:
+                    try:
+                        bufs.append(view(addr, length, bool(write)))
+                    except GuestMemoryError as e:
+                        raise VirtQueueError(f"queue {self.index}: descriptor {i} of chain {head}: {e}") from None
+                    run_end = -1
+                if write:
+                    wlen += length
+                else:
+                    rlen += length
             if not flags & VIRTQ_DESC_F_NEXT:
                 break
             if nxt >= limit:
                 raise VirtQueueError(f"queue {self.index}: descriptor {i} of chain {head} links to {nxt}, "
                                      f"beyond the {limit} entries of its table")
             i = nxt
-        if total > MAX_CHAIN_BYTES:
-            raise VirtQueueError(f"queue {self.index}: chain from head {head} has {total} bytes, over 4 GiB")
+        if rlen + wlen > MAX_CHAIN_BYTES:
+            raise VirtQueueError(f"queue {self.index}: chain from head {head} has {rlen + wlen} bytes, over 4 GiB")
+        chain.readable_len, chain.writable_len = rlen, wlen
         return chain
 
     def _indirect_table(self, addr: int, length: int, flags: int, in_indirect: bool,
