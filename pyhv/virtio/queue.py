@@ -216,7 +216,12 @@ class VirtQueue:
             addr, length, flags, nxt = fetch(i)
             if flags & VIRTQ_DESC_F_INDIRECT:
                 table, limit = self._indirect_table(addr, length, flags, in_indirect, count)
-                fetch = list(_DESC.iter_unpack(table)).__getitem__     # the table read once, as a whole
+                raw = bytes(table)                                     # the table read once, as a whole
+                if span is not None:
+                    fast = self._linear_chain(head, raw, span)
+                    if fast is not None:
+                        return fast
+                fetch = list(_DESC.iter_unpack(raw)).__getitem__
                 in_indirect, i = True, 0
                 continue
             count += 1
@@ -262,6 +267,42 @@ class VirtQueue:
             raise VirtQueueError(f"queue {self.index}: chain from head {head} has {rlen + wlen} bytes, over 4 GiB")
         chain.readable_len, chain.writable_len = rlen, wlen
         return chain
+
+    @staticmethod
+    def _linear_chain(head: int, raw: bytes, span) -> DescriptorChain | None:
+        """The common indirect table (`raw`, a copy), checked with whole-list operations: entries 0..n-1 linked in
+        order, readable then writable buffers, all in one RAM range, no other flag bits. None when it is anything
+        else (the general walk then checks it descriptor by descriptor and gives the precise error)."""
+        table = memoryview(raw)
+        addrs = table.cast("Q")[0::2].tolist()      # struct virtq_desc: addr u64, len u32, flags u16, next u16
+        lens = table.cast("I")[2::4].tolist()
+        flags = table.cast("H")[6::8].tolist()
+        nexts = table.cast("H")[7::8].tolist()
+        n, last = len(flags), flags[-1]
+        linked, linked_w = VIRTQ_DESC_F_NEXT, VIRTQ_DESC_F_NEXT | VIRTQ_DESC_F_WRITE
+        if not set(flags[:-1]) <= {linked, linked_w} or last not in (0, VIRTQ_DESC_F_WRITE) \
+                or nexts[:-1] != list(range(1, n)):
+            return None                             # not the whole table linked in order, or other flags
+        if linked_w in flags:
+            w = flags.index(linked_w)
+            if linked in flags[w:] or last != VIRTQ_DESC_F_WRITE:
+                return None                         # a readable buffer after a writable one
+        else:
+            w = n - 1 if last == VIRTQ_DESC_F_WRITE else n
+        found = span(min(addrs))
+        if found is None:
+            return None
+        lo, hi, base, readonly = found
+        if readonly and w < n:
+            return None
+        rlen, wlen = sum(lens[:w]), sum(lens[w:])
+        if rlen + wlen > MAX_CHAIN_BYTES:
+            return None
+        readable = [base[a - lo:a - lo + k] for a, k in zip(addrs[:w], lens[:w]) if k]
+        writable = [base[a - lo:a - lo + k] for a, k in zip(addrs[w:], lens[w:]) if k]
+        if sum(map(len, readable)) != rlen or sum(map(len, writable)) != wlen:
+            return None                             # some buffer ran past the range (its slice came out short)
+        return DescriptorChain(head, readable, writable, rlen, wlen)
 
     def _indirect_table(self, addr: int, length: int, flags: int, in_indirect: bool,
                         count: int) -> tuple[memoryview, int]:

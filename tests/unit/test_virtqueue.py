@@ -322,3 +322,33 @@ def test_write_into_read_only_memory_is_refused():
     assert q.pop().readable_len == 4
     d.write_desc(1, 0x8000, 4, VIRTQ_DESC_F_WRITE, 0)
     _pop_fails(d, q, 1, "read-only")
+
+
+def _linear_table(d: RingDriver, entries) -> int:
+    """An indirect table laid out as Linux does (entry i links to i + 1); entries are (addr, len, flags)."""
+    table, _ = d.alloc(16 * len(entries))
+    for k, (addr, length, flags) in enumerate(entries):
+        d.write_desc(k, addr, length, flags, k + 1, table=table)
+    d.write_desc(0, table, 16 * len(entries), VIRTQ_DESC_F_INDIRECT)
+    return 0
+
+
+def test_indirect_chain_ends_at_the_first_entry_without_next(mem):
+    d = RingDriver(mem)
+    q = d.queue()
+    head = _linear_table(d, [(0x20000, 4, VIRTQ_DESC_F_NEXT), (0x20010, 4, 0),          # the chain ends here
+                             (0x20020, 4, VIRTQ_DESC_F_WRITE)])                        # not part of it
+    d.publish(head)
+    chain = q.pop()
+    assert chain.readable_len == 8 and chain.writable_len == 0
+
+
+@pytest.mark.parametrize("entries,match", [
+    ([(0x20000, 4, VIRTQ_DESC_F_WRITE | VIRTQ_DESC_F_NEXT), (0x20010, 4, 0)], "readable buffer after"),
+    ([(0x20000, 4, VIRTQ_DESC_F_NEXT), ((1 << 20) - 2, 4, VIRTQ_DESC_F_WRITE)], "outside"),
+    ([(0x20000, 4, VIRTQ_DESC_F_NEXT), (0x20010, 16, VIRTQ_DESC_F_INDIRECT)], "inside an indirect"),
+    ([(0x20000, 4, VIRTQ_DESC_F_NEXT)] * 3, "beyond the 3 entries"),
+])
+def test_hostile_linear_indirect_tables(mem, entries, match):
+    d = RingDriver(mem)
+    _pop_fails(d, d.queue(), _linear_table(d, entries), match)
