@@ -123,6 +123,8 @@ def main() -> int:
             chunk = os.urandom(1 << 20)
             for _ in range(size >> 20):
                 f.write(chunk)
+            f.flush()
+            os.fsync(f.fileno())                      # no write-back of the image during the measurements
         best: dict[str, dict] = {"pyhv": {}, "qsd": {}}
         for r in range(args.rounds):
             for kind in ("pyhv", "qsd"):

@@ -61,7 +61,7 @@ SECTOR = 512
 OUT_HDR = struct.Struct("<IIQ")             # type, reserved, sector
 DISCARD_SEG = struct.Struct("<QII")         # sector, num_sectors, flags
 
-DEFAULT_QUEUE_SIZE = 256
+DEFAULT_QUEUE_SIZE = 1024                   # seg_max 1022: a 1 MiB request of 4 KiB pages needs 256
 SIZE_MAX = 1 << 22                          # largest single segment the driver may use
 MAX_DISCARD_SECTORS = (1 << 32) // SECTOR - 1
 MAX_DISCARD_SEG = 32
