@@ -53,6 +53,19 @@ def _add_run_options(p: argparse.ArgumentParser) -> None:
                     help="anon: private memory; memfd: shareable with other processes (vhost-user)")
     hw.add_argument("--device", action="append", default=[], metavar="NAME",
                     help="add a device: testdev (port 0xe0 and MMIO 0xfe800000 scratch registers for tests)")
+    hw.add_argument("--drive", action="append", default=[], metavar="file=PATH[,readonly=on][,cache=none]...",
+                    help="a virtio disk backed by a raw image (options: readonly, cache, serial, num-queues, "
+                         "format)")
+    hw.add_argument("--nic", action="append", default=[], metavar="tap,ifname=NAME[,mac=MAC]",
+                    help="a virtio network interface on an existing tap device")
+    hw.add_argument("--name", default="pyhv", help="the VM's name (default: pyhv)")
+    hw.add_argument("--uuid", help="the VM's UUID")
+    files = p.add_argument_group("the VM from a file (options given as well override the file's values)")
+    files.add_argument("--config", metavar="FILE", help="a VM config in JSON (the fields of VmConfig)")
+    files.add_argument("--domain", metavar="FILE", help="a libvirt domain XML file")
+    manage = p.add_argument_group("management")
+    manage.add_argument("--qmp", metavar="unix:PATH", help="serve QMP (QEMU's machine protocol) on a Unix socket")
+    manage.add_argument("--pidfile", metavar="FILE", help="write pyhv's process id to FILE (removed at exit)")
     io = p.add_argument_group("consoles")
     io.add_argument("--serial", default="stdio", metavar="BACKEND",
                     help="serial port 0x3f8: stdio | file:PATH | socket:PATH | pty | none (default: stdio)")
@@ -92,31 +105,41 @@ def build_parser() -> argparse.ArgumentParser:
     info = sub.add_parser("info", help="what this host's KVM offers (flavour, API, capabilities)")
     info.add_argument("--json", action="store_true", help="machine-readable output")
     _add_common(info)
+    from pyhv import lifecycle
+    lifecycle.add_parsers(sub, _add_common)
     return parser
 
 
 def config_from_args(args: argparse.Namespace) -> "VmConfig":
     from pyhv.chardev import ChardevSpec
-    from pyhv.config import VmConfig, parse_size
+    from pyhv.config import DriveConfig, NetConfig, VmConfig, parse_size
+    from pyhv.runargs import apply_file
 
-    return VmConfig(
+    config = VmConfig(
         machine=args.machine, memory=parse_size(args.memory), cpus=args.cpus, memory_backend=args.memory_backend,
         firmware=args.firmware, kernel=args.kernel, initrd=args.initrd, append=args.append,
         serial=ChardevSpec.parse(args.serial, "--serial"), debugcon=ChardevSpec.parse(args.debugcon, "--debugcon"),
         on_reset=args.on_reset, devices=list(args.device), log_post=args.log_post,
-        accounting=not args.no_accounting,
-    ).validate()
+        accounting=not args.no_accounting, name=args.name, uuid=args.uuid,
+        drives=[DriveConfig.parse(d) for d in args.drive], nets=[NetConfig.parse(n) for n in args.nic],
+    )
+    return apply_file(config, args).validate()
 
 
 def cmd_run(args: argparse.Namespace) -> int:
     from pyhv.machine import Machine
 
+    from pyhv.runargs import RunHooks
+
     config = config_from_args(args)
     machine = Machine(config)
+    hooks = RunHooks(args)
     try:
+        hooks.open(machine)
         if args.dump_mtree:
             print(machine.dump_mtree())
             return 0
+        hooks.start()
         status = machine.run()
         if args.stats:
             print(machine.stats_report(), file=sys.stderr)
@@ -128,6 +151,7 @@ def cmd_run(args: argparse.Namespace) -> int:
                 json.dump(data, f, indent=1)
         return status
     finally:
+        hooks.close()
         machine.close()
 
 
@@ -168,9 +192,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command is None:
         parser.print_help()
         return EXIT_USAGE
+    args.argv = list(sys.argv[1:] if argv is None else argv)
     _setup_logging(args)
     try:
-        return {"run": cmd_run, "info": cmd_info}[args.command](args)
+        handler = {"run": cmd_run, "info": cmd_info}.get(args.command) or args.handler
+        return handler(args)
     except PyhvError as e:
         print(f"pyhv: error: {e}", file=sys.stderr)
         return e.exit_code

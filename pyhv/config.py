@@ -60,6 +60,102 @@ class DriveConfig:
         if not os.path.exists(self.file):
             raise ConfigError(f"drive {self.file}: no such file")
 
+    @classmethod
+    def parse(cls, text: str) -> "DriveConfig":
+        """`--drive file=PATH[,readonly=on][,cache=none][,serial=S][,num-queues=N][,format=raw]`."""
+        opts = _parse_options(text, "--drive", {"file", "readonly", "cache", "serial", "num-queues", "format"})
+        if "file" not in opts:
+            raise ConfigError(f"--drive {text!r}: file= is missing", "write --drive file=PATH")
+        drive = cls(opts["file"])
+        if "readonly" in opts:
+            drive.readonly = _parse_bool(opts["readonly"], f"--drive {text!r}: readonly")
+        drive.cache = opts.get("cache", drive.cache)
+        drive.serial = opts.get("serial", drive.serial)
+        drive.format = opts.get("format", drive.format)
+        if "num-queues" in opts:
+            drive.num_queues = _parse_int(opts["num-queues"], f"--drive {text!r}: num-queues")
+        return drive
+
+    def to_arg(self) -> str:
+        parts = [f"file={self.file}"]
+        if self.readonly:
+            parts.append("readonly=on")
+        if self.cache != "writeback":
+            parts.append(f"cache={self.cache}")
+        if self.serial is not None:
+            parts.append(f"serial={self.serial}")
+        if self.num_queues != 1:
+            parts.append(f"num-queues={self.num_queues}")
+        if self.format != "raw":
+            parts.append(f"format={self.format}")
+        return ",".join(parts)
+
+
+_MAC_RE = re.compile(r"^[0-9a-fA-F]{2}(:[0-9a-fA-F]{2}){5}$")
+NET_MODELS = ("virtio",)
+
+
+@dataclass
+class NetConfig:
+    """A network interface: a virtio-net device whose host end is the tap device `tap`."""
+    tap: str
+    mac: str | None = None          # None: pyhv picks one (52:54:00:...)
+    model: str = "virtio"
+
+    def validate(self) -> None:
+        if not self.tap or len(self.tap.encode()) > 15 or "/" in self.tap or self.tap in (".", ".."):
+            raise ConfigError(f"network interface: tap name {self.tap!r} is not a valid interface name",
+                              "use at most 15 characters, no '/'")
+        if self.mac is not None:
+            if not _MAC_RE.match(self.mac):
+                raise ConfigError(f"network interface {self.tap}: MAC address {self.mac!r} is not six "
+                                  "colon-separated hex bytes")
+            if int(self.mac[:2], 16) & 1:
+                raise ConfigError(f"network interface {self.tap}: MAC address {self.mac} is a multicast address")
+        if self.model not in NET_MODELS:
+            raise ConfigError(f"network interface {self.tap}: model {self.model!r} is not supported",
+                              f"use {', '.join(NET_MODELS)}")
+
+    @classmethod
+    def parse(cls, text: str) -> "NetConfig":
+        """`--nic tap,ifname=NAME[,mac=MAC][,model=virtio]` (as QEMU's -nic)."""
+        kind, _, rest = text.partition(",")
+        if kind != "tap":
+            raise ConfigError(f"--nic {text!r}: only tap networking is supported", "write --nic tap,ifname=NAME")
+        opts = _parse_options(rest, "--nic", {"ifname", "mac", "model"})
+        if "ifname" not in opts:
+            raise ConfigError(f"--nic {text!r}: ifname= is missing", "write --nic tap,ifname=NAME")
+        return cls(opts["ifname"], opts.get("mac"), opts.get("model", "virtio"))
+
+    def to_arg(self) -> str:
+        return ",".join(["tap", f"ifname={self.tap}"] + ([f"mac={self.mac}"] if self.mac else [])
+                        + ([f"model={self.model}"] if self.model != "virtio" else []))
+
+
+def _parse_options(text: str, option: str, known: set[str]) -> dict[str, str]:
+    opts: dict[str, str] = {}
+    for part in filter(None, text.split(",")):
+        key, eq, value = part.partition("=")
+        if not eq or key not in known:
+            raise ConfigError(f"{option} {text!r}: unknown option {part!r}", f"known: {', '.join(sorted(known))}")
+        opts[key] = value
+    return opts
+
+
+def _parse_bool(text: str, what: str) -> bool:
+    if text in ("on", "yes", "true", "1"):
+        return True
+    if text in ("off", "no", "false", "0"):
+        return False
+    raise ConfigError(f"{what}={text!r} is not on or off")
+
+
+def _parse_int(text: str, what: str) -> int:
+    try:
+        return int(text, 0)
+    except ValueError:
+        raise ConfigError(f"{what}={text!r} is not a number") from None
+
 
 @dataclass
 class VmConfig:
@@ -79,6 +175,7 @@ class VmConfig:
     on_reset: str = "exit"
     devices: list[str] = field(default_factory=list)
     drives: list[DriveConfig] = field(default_factory=list)
+    nets: list[NetConfig] = field(default_factory=list)
     log_post: bool = False
     accounting: bool = True
 
@@ -112,6 +209,10 @@ class VmConfig:
                               "microvm boots a kernel directly, without firmware")
         for drive in self.drives:
             drive.validate()
+        for net in self.nets:
+            net.validate()
+        if self.uuid is not None:
+            self.uuid = _check_uuid(self.uuid)
         return self
 
     def to_dict(self) -> dict:
@@ -132,7 +233,16 @@ class VmConfig:
         if "memory" in data:
             data["memory"] = parse_size(data["memory"])
         data["drives"] = [DriveConfig(**d) if isinstance(d, dict) else d for d in data.get("drives", [])]
+        data["nets"] = [NetConfig(**d) if isinstance(d, dict) else d for d in data.get("nets", [])]
         return cls(**data)
+
+
+def _check_uuid(text: str) -> str:
+    import uuid
+    try:
+        return str(uuid.UUID(text))
+    except ValueError:
+        raise ConfigError(f"uuid {text!r} is not a UUID", "write 8-4-4-4-12 hex digits") from None
 
 
 def _check_readable(path: str, what: str) -> int:

@@ -310,22 +310,28 @@ class Machine:
         with self._lifecycle:
             if self.state != "running":
                 return
-            for v in self.vcpus:
-                v.request_pause()
-            for v in self.vcpus:
-                if not v.wait_paused():
-                    log.warning("vCPU %d did not pause within 5 s", v.id)
-            self.state = "paused"
+            self._pause_vcpus()
         self._emit("STOP")
+
+    def _pause_vcpus(self) -> None:
+        for v in self.vcpus:
+            v.request_pause()
+        for v in self.vcpus:
+            if not v.wait_paused():
+                log.warning("vCPU %d did not pause within 5 s", v.id)
+        self.state = "paused"
 
     def resume(self) -> None:
         with self._lifecycle:
             if self.state != "paused":
                 return
-            for v in self.vcpus:
-                v.resume()
-            self.state = "running"
+            self._resume_vcpus()
         self._emit("RESUME")
+
+    def _resume_vcpus(self) -> None:
+        for v in self.vcpus:
+            v.resume()
+        self.state = "running"
 
     def reset(self) -> None:
         """System reset: devices, interrupt controllers and vCPUs to their power-on state; RAM is kept."""
@@ -333,7 +339,8 @@ class Machine:
             if self.state == "shutdown":
                 return
             was_running = self.state == "running"
-            self.pause()
+            if was_running:
+                self._pause_vcpus()         # no STOP/RESUME events: a reset is one RESET event, as in QEMU
             for device in self.devices.values():
                 reset = getattr(device, "reset", None)
                 if reset:
@@ -345,7 +352,7 @@ class Machine:
                 reset_state(v.vcpu, self.processor_signature)
                 v.vcpu.set_mp_state(C.KVM_MP_STATE_RUNNABLE if v.id == 0 else C.KVM_MP_STATE_UNINITIALIZED)
             if was_running:
-                self.resume()
+                self._resume_vcpus()
         self._emit("RESET", guest=True)
 
     # --- statistics ----------------------------------------------------------------------------------------
