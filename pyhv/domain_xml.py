@@ -266,9 +266,10 @@ def _features(r: _Reader, root: ET.Element, config: VmConfig) -> None:
     if features is not None:
         for tag in ("apic", "pae"):               # always there on a pyhv machine
             r.children(features, tag)
-    clock = r.child(root, "clock")
-    if clock is not None and len(clock) == 0:
-        r.attr(clock, "offset", allowed=("utc",))  # the RTC runs on the host's UTC time
+    clocks = [c for c in root if c.tag == "clock"]
+    if len(clocks) == 1 and len(clocks[0]) == 0 and clocks[0].attrib == {"offset": "utc"}:
+        r.children(root, "clock")                 # the RTC runs on the host's UTC time; other clocks: warned
+        r.attr(clocks[0], "offset")
 
 
 def _devices(r: _Reader, devices: ET.Element, config: VmConfig) -> None:
@@ -310,10 +311,10 @@ def _disk(r: _Reader, disk: ET.Element) -> DriveConfig:
         if queues is not None:
             drive.num_queues = _int(r, driver, queues, "queues")
     target = r.child(disk, "target", required=True)
+    r.attr(target, "bus", "virtio", allowed=("virtio",))
     dev = r.attr(target, "dev", required=True)
     if not _DISK_DEV_RE.match(dev):
         raise r.error(target, f"{dev!r} is not a virtio disk name", "dev", "use vda, vdb, ...")
-    r.attr(target, "bus", "virtio", allowed=("virtio",))
     drive.readonly = r.child(disk, "readonly") is not None
     drive.serial = r.child_text(disk, "serial")
     return drive
