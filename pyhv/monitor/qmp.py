@@ -289,7 +289,7 @@ class QmpServer:
 
     # --- events ----------------------------------------------------------------------------------------------
     def _on_machine_event(self, event: str, data: dict) -> None:
-        qmp_data = event_data(event, data, self._reset_cause)
+        qmp_data = event_data(event, {**data, "status": self.machine.exit_status}, self._reset_cause)
         self.broadcast(event, qmp_data)
 
     def broadcast(self, event: str, data: dict | None = None) -> None:
