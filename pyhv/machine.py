@@ -56,6 +56,7 @@ class Machine:
     def __init__(self, config: VmConfig, kvm: Kvm | None = None) -> None:
         self.config = config.validate()
         install_kick_handler()
+        self._owns_kvm = kvm is None
         self.kvm = kvm or Kvm()
         self.flavour = self.kvm.flavour
         self.vm = self.kvm.create_vm()
@@ -397,3 +398,5 @@ class Machine:
             v.vcpu.close()
         self.vm.close()
         self.iothread.close()
+        if self._owns_kvm:
+            self.kvm.close()            # the /dev/kvm handle this machine opened

@@ -1,0 +1,74 @@
+"""The Python API (`pyhv.VM`) booting the project's test guests: console, pause/resume, stats, QMP, exit status,
+and that leaving the `with` block frees everything."""
+from __future__ import annotations
+
+import os
+import threading
+
+import pytest
+
+import pyhv
+from pyhv.errors import GuestImageError
+
+pytestmark = pytest.mark.kvm
+
+
+def open_fds() -> set[tuple[str, str]]:
+    """(fd, what it is) of this process's open files, leaving out the listing's own directory handle."""
+    out = set()
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            target = os.readlink(f"/proc/self/fd/{fd}")
+        except OSError:
+            continue
+        if not target.startswith("/proc/"):
+            out.add((fd, target))
+    return out
+
+
+def test_boot_console_pause_resume_stats_and_exit_status(guest):
+    with pyhv.VM(firmware=guest("echo", BUSY=0), memory="16M") as vm:
+        vm.console.expect(r"echo guest ready\r\n")
+        vm.console.write("hello")
+        vm.console.expect("hello")
+        vm.pause()
+        assert vm.state == "paused" and vm.qmp("query-status")["status"] == "paused"
+        vm.console.write("typed while paused")
+        vm.resume()
+        assert vm.qmp("query-status")["status"] == "running"
+        vm.console.expect("typed while paused")
+        stats = vm.stats()
+        assert stats["exits"] > 0 and stats["by_port"]["0x03f8"]["count"] > 0
+        assert vm.qmp("human-monitor-command", command_line="info registers").startswith("CPU#0")
+        assert vm.wait(0) is None                          # still running
+        vm.console.write("Q")                              # the guest exits through the debug-exit port
+        assert vm.wait(60) == (5 << 1) | 1
+        assert "hello" in vm.console.output
+
+
+def test_leaving_the_block_stops_the_vm_and_frees_everything(guest):
+    baseline_threads = set(threading.enumerate())
+    baseline_fds = open_fds()
+    with pyhv.VM(firmware=guest("echo", BUSY=1), memory="16M") as vm:   # a busy guest, left running
+        vm.console.expect("ready")
+        folder = os.path.dirname(vm.qmp_path)
+        vm.qmp("query-status")
+        machine = vm.machine
+    assert machine.state == "shutdown"
+    assert not os.path.exists(folder)
+    assert set(threading.enumerate()) <= baseline_threads
+    assert open_fds() <= baseline_fds
+
+
+def test_a_bad_config_raises_and_leaves_nothing(tmp_path):
+    baseline_fds = open_fds()
+    with pytest.raises(GuestImageError, match="does not exist"):
+        with pyhv.VM(firmware=str(tmp_path / "missing.bin")):
+            pass
+    assert open_fds() <= baseline_fds
+
+
+def test_run_needs_the_agent(guest):
+    with pyhv.VM(firmware=guest("echo", BUSY=0), memory="16M") as vm:
+        with pytest.raises(RuntimeError, match="agent"):
+            vm.run("true")
