@@ -1,67 +1,89 @@
-/* Real mode, interrupt driven: prints a banner, then echoes what arrives on COM1 (IRQ 4 through the PIC) and
-   idles in hlt between characters. 'Q' exits with status (5 << 1) | 1 = 11. With -D BUSY=1 it spins instead of
-   halting between interrupts: a guest that is always busy (for `destroy` of a busy guest). A long-running
-   guest for the lifecycle, QMP and Python API tests. */
+/* Real mode, interrupt driven: COM1 receive interrupts (IRQ 4 through the in-kernel PIC) fill a buffer; the
+   main loop echoes each byte upper-cased and exits on 'q' with the number of bytes received before it. */
 #include "common.inc"
+HEAD = 0x500        /* bytes stored by the interrupt handler */
+TAIL = 0x502        /* bytes echoed by the main loop */
+BUF  = 0x600
 .code16
 start:
     cli
     xor %ax, %ax
+    mov %ax, %ds
     mov %ax, %ss
     mov $0x7000, %sp
-    mov %ax, %ds
+    movw $0, HEAD
+    movw $0, TAIL
     serial_init16
-    mov $0x11, %al              /* master PIC: ICW1 edge, cascade, ICW4 */
+    movw $irq4, (0x0c * 4)         /* IRQ 4 -> vector 0x0c */
+    movw $0xf000, (0x0c * 4 + 2)
+    mov $0x11, %al
     out %al, $0x20
-    mov $0x08, %al              /* ICW2: IRQ 0-7 -> vectors 0x08-0x0f */
+    mov $0x08, %al
     out %al, $0x21
-    mov $0x04, %al              /* ICW3: slave on IRQ 2 */
+    mov $0x04, %al
     out %al, $0x21
-    mov $0x01, %al              /* ICW4: 8086 mode */
+    mov $0x01, %al
     out %al, $0x21
-    mov $0xef, %al              /* OCW1: only IRQ 4 */
+    mov $0xef, %al                 /* unmask IRQ 4 only */
     out %al, $0x21
-    mov $0xff, %al
-    out %al, $0xa1
-    movw $uart_irq, 0x30        /* IVT[0x0c] = f000:uart_irq */
-    movw $0xf000, 0x32
     mov $(COM1 + 4), %dx
-    mov $0x0b, %al              /* MCR: DTR, RTS, OUT2 (IRQ enable) */
+    mov $0x08, %al                 /* MCR.OUT2: route the UART interrupt to the PIC, as on a PC */
     out %al, %dx
     mov $(COM1 + 1), %dx
-    mov $0x01, %al              /* IER: received data available */
+    mov $0x01, %al                 /* IER: received data available */
     out %al, %dx
-    puts16 banner
+    puts16 ready
     sti
-idle:
-#if BUSY
-    jmp idle
-#else
+main:
+    cli
+    mov TAIL, %bx
+    cmp HEAD, %bx
+    jne 1f
+    sti
     hlt
-    jmp idle
-#endif
+    jmp main
+1:  sti
+    mov BUF(%bx), %al
+    incw TAIL
+    cmp $'q', %al
+    je done
+    cmp $'a', %al
+    jb 2f
+    cmp $'z', %al
+    ja 2f
+    sub $0x20, %al
+2:  mov $COM1, %dx
+    out %al, %dx
+    jmp main
+done:
+    puts16 bye
+    mov TAIL, %ax
+    dec %ax
+    exit_al
 
-uart_irq:
+irq4:
     push %ax
+    push %bx
     push %dx
 1:  mov $(COM1 + 5), %dx
     in %dx, %al
-    test $1, %al
+    test $0x01, %al                /* LSR.DR */
     jz 2f
     mov $COM1, %dx
     in %dx, %al
-    cmp $'Q', %al
-    je quit
-    out %al, %dx
+    mov HEAD, %bx
+    and $0xff, %bx
+    mov %al, BUF(%bx)
+    incw HEAD
     jmp 1b
-2:  mov $0x20, %al              /* EOI */
+2:  mov $0x20, %al
     out %al, $0x20
     pop %dx
+    pop %bx
     pop %ax
     iret
-quit:
-    exit16 0x05
 
-banner: .asciz "pyhv echo guest ready\r\n"
+ready: .asciz "echo: ready\r\n"
+bye:   .asciz "\r\necho: bye\r\n"
 #include "lib16.inc"
 RESET_VECTOR
