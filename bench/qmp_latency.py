@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import faulthandler
 import signal
-import json
 import os
 import shutil
 import socket
@@ -32,46 +31,17 @@ sys.path.insert(0, str(ROOT / "tests" / "guests"))
 
 import build as guest_build  # noqa: E402
 
+from pyhv.monitor.client import QmpClient, QmpError  # noqa: E402
 
-class Client:
-    def __init__(self, path: str) -> None:
-        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        self.sock.settimeout(30)
-        self.sock.connect(path)
-        self.reader = self.sock.makefile("rb")
-        self.read()                                    # greeting
-        self.call("qmp_capabilities")
-        self.events: list[dict] = []
 
-    def read(self) -> dict:
-        line = self.reader.readline()
-        if not line:
-            raise ConnectionError("QMP server closed the connection")
-        return json.loads(line)
+class Client(QmpClient):
+    """pyhv's small blocking QMP client (plain socket, no asyncio), so the figures are the server's."""
 
     def call(self, command: str, **arguments: object) -> dict:
-        msg: dict = {"execute": command}
-        if arguments:
-            msg["arguments"] = arguments
-        self.sock.sendall(json.dumps(msg).encode())
-        while True:
-            reply = self.read()
-            if "event" in reply:
-                self.events.append(reply)
-                continue
-            return reply
-
-    def wait_event(self, name: str) -> None:
-        while True:
-            for i, e in enumerate(self.events):
-                if e["event"] == name:
-                    del self.events[i]
-                    return
-            self.events.append(self.read())
-
-    def close(self) -> None:
-        self.reader.close()
-        self.sock.close()
+        try:
+            return {"return": self.execute(command, **arguments)}
+        except QmpError as e:
+            return {"error": {"class": e.error_class, "desc": e.desc}}
 
 
 def wait_for_socket(path: str, proc: subprocess.Popen) -> None:
@@ -126,10 +96,10 @@ def measure(name: str, start, rom: str, cycles: int, queries: int, clients: int)
         for _ in range(cycles):
             t0 = time.perf_counter()
             c.call("stop")
-            c.wait_event("STOP")
+            c.wait_event("STOP", 30)
             t1 = time.perf_counter()
             c.call("cont")
-            c.wait_event("RESUME")
+            c.wait_event("RESUME", 30)
             t2 = time.perf_counter()
             stop_half.append(t1 - t0)
             cont_half.append(t2 - t1)
@@ -195,7 +165,7 @@ def main() -> int:
     p.add_argument("--clients", type=int, default=4)
     p.add_argument("--no-qemu", action="store_true", help="measure pyhv only")
     args = p.parse_args()
-    rom = str(guest_build.build("echo", {"BUSY": 0}))
+    rom = str(guest_build.build("echoloop", {"BUSY": 0}))
     results = [measure("pyhv", start_pyhv, rom, args.cycles, args.queries, args.clients)]
     if not args.no_qemu and shutil.which("qemu-system-x86_64"):
         try:

@@ -201,17 +201,11 @@ class SocketChardev(Chardev):
     def __init__(self, path: str) -> None:
         super().__init__()
         self.path = path
-        self.server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
         try:
             if os.path.exists(path) and _is_socket(path):
                 os.unlink(path)
-            old_umask = os.umask(0o177)
-            try:
-                self.server.bind(path)
-            finally:
-                os.umask(old_umask)
+            self.server = bind_private_socket(path)
         except OSError as e:
-            self.server.close()
             raise ConfigError(f"cannot create socket {path}: {e.strerror}")
         self.server.listen(1)
         self.server.setblocking(False)
@@ -330,6 +324,21 @@ class PtyChardev(Chardev):
             self.iothread.remove_reader(self.master)
         os.close(self.master)
         os.close(self._slave)
+
+
+def bind_private_socket(path: str) -> socket.socket:
+    """A Unix stream socket bound at `path` with mode 0600 from the start (bound under a 0177 umask, so there
+    is no moment when another user could connect). Raises OSError."""
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+    old_umask = os.umask(0o177)
+    try:
+        sock.bind(path)
+    except OSError:
+        sock.close()
+        raise
+    finally:
+        os.umask(old_umask)
+    return sock
 
 
 def _pollable(fd: int) -> bool:

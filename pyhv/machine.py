@@ -265,6 +265,8 @@ class Machine:
 
     def start(self) -> None:
         with self._lifecycle:
+            if self.state == "shutdown" and self.first_run_monotonic is None and self.exit_status is not None:
+                return          # ended before it started (a QMP quit during start-up): wait() returns at once
             if self.state != "created":
                 raise RuntimeError(f"machine already {self.state}")
             self.iothread.start()

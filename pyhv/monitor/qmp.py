@@ -22,6 +22,7 @@ import threading
 import time
 from typing import TYPE_CHECKING
 
+from pyhv.chardev import bind_private_socket
 from pyhv.errors import ConfigError
 from pyhv.monitor.commands import COMMANDS, QmpCommandError, event_data
 from pyhv.monitor.jsonstream import JsonStream, JsonStreamError
@@ -153,21 +154,14 @@ class QmpServer:
     def __init__(self, machine: "Machine", path: str) -> None:
         self.machine = machine
         self.path = path
-        self.listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
         try:
             if os.path.exists(path):
                 if not _is_stale_socket(path):
                     raise ConfigError(f"--qmp {path}: the path exists and is not a stale socket",
                                       "remove it or choose another path")
                 os.unlink(path)
-            old_umask = os.umask(0o177)
-            try:
-                self.listener.bind(path)
-            finally:
-                os.umask(old_umask)
-            os.chmod(path, 0o600)
+            self.listener = bind_private_socket(path)
         except OSError as e:
-            self.listener.close()
             raise ConfigError(f"--qmp {path}: cannot create the socket: {e.strerror}")
         self.listener.listen(16)
         self.listener.setblocking(False)

@@ -8,6 +8,7 @@ import threading
 import pytest
 
 import pyhv
+from pyhv.chardev import ChardevSpec
 from pyhv.errors import GuestImageError
 
 pytestmark = pytest.mark.kvm
@@ -27,7 +28,7 @@ def open_fds() -> set[tuple[str, str]]:
 
 
 def test_boot_console_pause_resume_stats_and_exit_status(guest):
-    with pyhv.VM(firmware=guest("echo", BUSY=0), memory="16M") as vm:
+    with pyhv.VM(firmware=guest("echoloop", BUSY=0), memory="16M") as vm:
         vm.console.expect(r"echo guest ready\r\n")
         vm.console.write("hello")
         vm.console.expect("hello")
@@ -49,7 +50,7 @@ def test_boot_console_pause_resume_stats_and_exit_status(guest):
 def test_leaving_the_block_stops_the_vm_and_frees_everything(guest):
     baseline_threads = set(threading.enumerate())
     baseline_fds = open_fds()
-    with pyhv.VM(firmware=guest("echo", BUSY=1), memory="16M") as vm:   # a busy guest, left running
+    with pyhv.VM(firmware=guest("echoloop", BUSY=1), memory="16M") as vm:   # a busy guest, left running
         vm.console.expect("ready")
         folder = os.path.dirname(vm.qmp_path)
         vm.qmp("query-status")
@@ -69,6 +70,19 @@ def test_a_bad_config_raises_and_leaves_nothing(tmp_path):
 
 
 def test_run_needs_the_agent(guest):
-    with pyhv.VM(firmware=guest("echo", BUSY=0), memory="16M") as vm:
+    with pyhv.VM(firmware=guest("echoloop", BUSY=0), memory="16M") as vm:
         with pytest.raises(RuntimeError, match="agent"):
             vm.run("true")
+
+
+def test_quit_before_the_machine_starts_ends_it_cleanly(guest):
+    """A QMP client may send quit between the QMP socket appearing and the vCPUs starting."""
+    from pyhv.config import VmConfig
+    from pyhv.machine import Machine
+    machine = Machine(VmConfig(firmware=guest("echoloop", BUSY=0), memory=16 << 20, serial=ChardevSpec("none")))
+    try:
+        machine.shutdown(0, "host-qmp-quit")
+        assert machine.run() == 0
+        assert machine.vcpus[0].thread is None                   # the guest never ran
+    finally:
+        machine.close()

@@ -87,7 +87,7 @@ def pid_alive(pid: int) -> bool:
 
 
 def test_define_start_console_suspend_resume_shutdown_destroy_undefine(virsh, guest, domain_file):
-    xml = domain_file(domain_xml("echo1", guest("echo", BUSY=0)))
+    xml = domain_file(domain_xml("echo1", guest("echoloop", BUSY=0)))
     assert b"Domain 'echo1' defined" in virsh("define", str(xml.path)).stdout
     assert states(virsh) == {}
     assert states(virsh, "--all") == {"echo1": ("-", "shut off")}
@@ -131,7 +131,7 @@ def test_define_start_console_suspend_resume_shutdown_destroy_undefine(virsh, gu
 
 
 def test_destroy_a_busy_guest(virsh, guest, domain_file):
-    xml = domain_file(domain_xml("busy", guest("echo", BUSY=1)))
+    xml = domain_file(domain_xml("busy", guest("echoloop", BUSY=1)))
     virsh("define", str(xml.path))
     virsh("start", "busy")
     pid = int(states(virsh)["busy"][0])
@@ -141,7 +141,7 @@ def test_destroy_a_busy_guest(virsh, guest, domain_file):
 
 
 def test_list_notices_a_killed_vm_process(virsh, guest, domain_file):
-    xml = domain_file(domain_xml("victim", guest("echo", BUSY=0)))
+    xml = domain_file(domain_xml("victim", guest("echoloop", BUSY=0)))
     virsh("define", str(xml.path))
     virsh("start", "victim")
     pid = int(states(virsh)["victim"][0])

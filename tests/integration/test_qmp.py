@@ -1,5 +1,5 @@
 """The QMP server, driven by QEMU's own client library (`qemu.qmp` from PyPI, unmodified) and `qmp-shell`,
-against a real guest (tests/guests/echo.S: echoes its serial input, idles in hlt)."""
+against a real guest (tests/guests/echoloop.S: echoes its serial input, idles in hlt)."""
 from __future__ import annotations
 
 import asyncio
@@ -26,7 +26,7 @@ REQUIRED = ["qmp_capabilities", "query-version", "query-commands", "query-status
 
 @pytest.fixture
 def vm(guest):
-    with pyhv.VM(firmware=guest("echo", BUSY=0), memory="16M") as vm:
+    with pyhv.VM(firmware=guest("echoloop", BUSY=0), memory="16M") as vm:
         vm.console.expect("echo guest ready")
         yield vm
 
@@ -242,7 +242,7 @@ def test_qmp_shell_works_unmodified(vm):
 
 def test_pyhv_run_qmp_socket_is_private_and_quit_ends_pyhv(guest, tmp_path):
     path = tmp_path / "qmp.sock"
-    proc = subprocess.Popen([sys.executable, "-m", "pyhv.cli", "run", "--firmware", guest("echo", BUSY=0),
+    proc = subprocess.Popen([sys.executable, "-m", "pyhv.cli", "run", "--firmware", guest("echoloop", BUSY=0),
                              "--serial", "none", "--qmp", f"unix:{path},server,nowait"],
                             stderr=subprocess.PIPE, text=True)
     try:
@@ -258,7 +258,7 @@ def test_pyhv_run_qmp_socket_is_private_and_quit_ends_pyhv(guest, tmp_path):
             await client.execute("quit")
             await client.disconnect()
         run(body())
-        assert proc.wait(30) == 0
+        assert proc.wait(30) == 0, proc.stderr.read()
         assert not path.exists()
     finally:
         proc.kill()
