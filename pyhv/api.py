@@ -226,8 +226,8 @@ class VM:
         if not self._agent_ready:
             console.expect(re.escape(AGENT_READY) + r"\r?\n", timeout)
             self._agent_ready = True
-        if "\n" in command:
-            raise ValueError("one command line at a time")
+        if "\n" in command or not command.strip():
+            raise ValueError("an agent command is one non-empty line")
         console.read_new()
         console.write(command + "\n")
         m = console.expect(AGENT_STATUS_RE, timeout)

@@ -176,7 +176,13 @@ def _field(item: object, name: str, default: object = None) -> object:
 
 def _machine_list(server: "QmpServer", method: str) -> list:
     provider = getattr(server.machine, method, None)
-    return list(provider()) if provider is not None else []
+    if provider is not None:
+        return list(provider())
+    if method == "pci_devices":                   # the pc board's bus describes its functions itself
+        bus = getattr(getattr(server.machine, "board", None), "bus", None)
+        if bus is not None and hasattr(bus, "describe"):
+            return list(bus.describe())
+    return []
 
 
 def _block_info(item: object) -> dict:
@@ -203,8 +209,9 @@ def query_block(server: "QmpServer") -> list:
 
 def _pci_info(item: object) -> dict:
     """QEMU's PciDeviceInfo from a PCI function's `bus`, `slot`, `function`, `vendor_id`, `device_id`,
-    `class_code` (24-bit), `subsystem_vendor_id`, `subsystem_id`, `irq`, `bars` [(index, type, address, size)],
-    `name`/`desc`."""
+    `class_code` (24-bit), `subsystem_vendor_id`, `subsystem_id`, `irq` (a line number, or a dict with `line` and
+    `pin`), `bars` (dicts with `bar`, `type` io/mem/mem64/prefmem/prefmem64/rom, `address` (None: unmapped),
+    `size`; or (index, type, address, size) tuples) and `name`/`desc`: the pc board's `PciBus.describe()`."""
     class_code = int(_field(item, "class_code", 0))
     info: dict = {"bus": _field(item, "bus", 0), "slot": _field(item, "slot", 0),
                   "function": _field(item, "function", 0),
@@ -217,13 +224,20 @@ def _pci_info(item: object) -> dict:
     if desc:
         info["class_info"]["desc"] = desc
     irq = _field(item, "irq")
+    if isinstance(irq, dict):
+        irq = irq.get("line") if irq.get("pin") else None
     if irq is not None:
         info["irq"] = irq
     for bar in _field(item, "bars", []) or []:
-        index, kind, address, size = bar
-        region = {"bar": index, "type": kind, "address": address, "size": size}
-        if kind == "memory":
-            region.update({"prefetch": False, "mem_type_64": False})
+        if isinstance(bar, dict):
+            index, kind, address, size = bar["bar"], bar["type"], bar.get("address"), bar["size"]
+        else:
+            index, kind, address, size = bar
+        if address is None or kind == "rom":      # not decoded now; the expansion ROM is not a BAR region
+            continue
+        region = {"bar": index, "type": "io" if kind == "io" else "memory", "address": address, "size": size}
+        if kind != "io":
+            region.update({"prefetch": kind.startswith("prefmem"), "mem_type_64": kind.endswith("64")})
         info["regions"].append(region)
     return info
 

@@ -36,7 +36,7 @@ class FakeMachine:
     def pci_devices(self):
         return [FakePciFunction(0, 0, 0, 0x8086, 0x1237, 0x060000, desc="Host bridge"),
                 FakePciFunction(0, 3, 0, 0x1AF4, 0x1042, 0x010000, name="virtio-blk0", irq=11,
-                                bars=[(4, "memory", 0xFEBF0000, 0x4000)])]
+                                bars=[(4, "mem", 0xFEBF0000, 0x4000)])]
 
     def block_devices(self):
         return [{"name": "virtio0", "file": "/images/disk.img", "readonly": True, "format": "raw",
@@ -60,6 +60,24 @@ def test_query_pci_reports_the_machines_functions(server):
     assert (blk["slot"], blk["irq"], blk["qdev_id"]) == (3, 11, "virtio-blk0")
     assert blk["regions"] == [{"bar": 4, "type": "memory", "address": 0xFEBF0000, "size": 0x4000,
                                "prefetch": False, "mem_type_64": False}]
+
+
+def test_query_pci_reads_the_pc_boards_bus_description():
+    """The pc board's PciBus.describe() format: BARs and IRQ as dicts; unmapped BARs and the ROM left out."""
+    described = [{"bus": 0, "slot": 4, "function": 0, "name": "virtio-blk0", "vendor_id": 0x1AF4,
+                  "device_id": 0x1042, "subsystem_vendor_id": 0x1AF4, "subsystem_id": 0x1100, "revision": 1,
+                  "class_code": 0x010000, "command": 7,
+                  "bars": [{"bar": 1, "type": "mem", "address": 0xFEBF1000, "size": 0x1000, "region": "msix"},
+                           {"bar": 4, "type": "prefmem64", "address": 0xFE000000, "size": 0x4000, "region": "v"},
+                           {"bar": 0, "type": "io", "address": None, "size": 0x40, "region": "legacy"},
+                           {"bar": 6, "type": "rom", "address": 0xFEB80000, "size": 0x40000, "region": "rom"}],
+                  "irq": {"pin": "A", "line": 11, "pirq": "LNKD"}, "capabilities": []}]
+    machine = SimpleNamespace(listeners=[], board=SimpleNamespace(bus=SimpleNamespace(describe=lambda: described)))
+    (dev,) = call(SimpleNamespace(machine=machine), "query-pci")[0]["devices"]
+    assert (dev["slot"], dev["irq"], dev["qdev_id"], dev["class_info"]["class"]) == (4, 11, "virtio-blk0", 0x0100)
+    assert dev["regions"] == [
+        {"bar": 1, "type": "memory", "address": 0xFEBF1000, "size": 0x1000, "prefetch": False, "mem_type_64": False},
+        {"bar": 4, "type": "memory", "address": 0xFE000000, "size": 0x4000, "prefetch": True, "mem_type_64": True}]
 
 
 def test_info_pci_formats_the_same_list(server):
