@@ -167,3 +167,37 @@ def test_a_guest_that_ends_by_itself_is_shut_off(virsh, guest, domain_file):
         time.sleep(0.05)
     assert states(virsh, "--all") == {"short": ("-", "shut off")}
     assert b"hello from real mode" in (virsh.state / "short" / "console.log").read_bytes()
+
+
+SEABIOS = "/usr/share/seabios/bios.bin"
+
+
+@pytest.mark.skipif(not os.path.exists(SEABIOS), reason="Debian's seabios package is not installed")
+def test_seabios_domain_managed_through_its_qmp_socket(virsh, domain_file):
+    """Third-party firmware as the guest; the domain's QMP socket serves any client (here QEMU's qemu.qmp)."""
+    import asyncio
+
+    from qemu.qmp import QMPClient
+
+    xml = domain_file(domain_xml("seabios", SEABIOS).replace("<memory unit='MiB'>16</memory>",
+                                                              "<memory unit='MiB'>64</memory>"))
+    virsh("define", str(xml.path))
+    virsh("start", "seabios")
+
+    async def body() -> dict:
+        client = QMPClient("test")
+        await client.connect(str(virsh.state / "seabios" / "qmp.sock"))
+        stats: dict = {}
+        while not stats.get("by_port", {}).get("0x0402"):      # SeaBIOS logs to the debug console port
+            stats = await client.execute("query-exit-stats")
+            await asyncio.sleep(0.05)
+        regs = await client.execute("human-monitor-command", {"command-line": "info registers"})
+        await client.disconnect()
+        return {"stats": stats, "regs": regs}
+    result = asyncio.run(asyncio.wait_for(body(), 120))
+    assert result["stats"]["by_port"]["0x0402"]["device"] == "debugcon"
+    assert result["regs"].startswith("CPU#0")
+    virsh("suspend", "seabios")
+    assert states(virsh)["seabios"][1] == "paused"
+    virsh("destroy", "seabios")
+    assert states(virsh, "--all") == {"seabios": ("-", "shut off")}
