@@ -42,13 +42,20 @@ def _add_run_options(p: argparse.ArgumentParser) -> None:
                            "the vCPU starts at its reset vector in real mode")
     boot.add_argument("--kernel", metavar="FILE", help="Linux kernel (bzImage or vmlinux) to boot directly")
     boot.add_argument("--initrd", metavar="FILE", help="initial ramdisk for --kernel")
-    boot.add_argument("--append", metavar="CMDLINE", default="", help="kernel command line for --kernel")
+    boot.add_argument("--append", metavar="CMDLINE", default="",
+                      help="kernel command line for --kernel (default: console=ttyS0 reboot=k panic=-1)")
+    boot.add_argument("--boot-entry", choices=("auto", "pvh", "linux64"), default="auto",
+                      help="kernel entry: PVH (an ELF vmlinux's note) or the 64-bit boot protocol; auto: PVH for a "
+                           "vmlinux that has the note, 64-bit for a bzImage (decompressed on the host)")
     hw = p.add_argument_group("hardware")
     hw.add_argument("--machine", "-M", default="microvm", choices=("microvm", "pc"),
                     help="machine type (default: microvm)")
     hw.add_argument("--memory", "-m", default="128M", metavar="SIZE",
                     help="guest RAM; K/M/G suffixes, a bare number is MiB (default: 128M)")
     hw.add_argument("--cpus", "--smp", type=int, default=1, metavar="N", help="number of vCPUs (default: 1)")
+    hw.add_argument("--cpu", default="auto", choices=("auto", "host", "nested-safe"),
+                    help="CPUID profile: host (what KVM supports), nested-safe (hides what nested/PVM hosts cannot "
+                         "emulate, and KVM's paravirt leaves); auto: nested-safe on PVM hosts")
     hw.add_argument("--memory-backend", choices=("anon", "memfd"), default="anon",
                     help="anon: private memory; memfd: shareable with other processes (vhost-user)")
     hw.add_argument("--device", action="append", default=[], metavar="NAME",
@@ -84,6 +91,13 @@ def _add_run_options(p: argparse.ArgumentParser) -> None:
     behaviour.add_argument("--dump-mtree", action="store_true",
                            help="print the memory and I/O region trees (like QEMU's 'info mtree') and exit")
     behaviour.add_argument("--log-post", action="store_true", help="log each POST code written to port 0x80")
+    behaviour.add_argument("--pvm-syscall-fix", choices=("auto", "on", "off"), default="auto",
+                           help="repair SYSCALL from guest user mode, which PVM hosts leave at CPL 3 "
+                                "(auto: on PVM hosts, for --kernel)")
+    behaviour.add_argument("--no-emulation-fallbacks", action="store_true",
+                           help="do not complete int3/fwait/clac/stac/popcnt/ldmxcsr when KVM's emulator fails")
+    behaviour.add_argument("--no-pvm-workarounds", action="store_true",
+                           help="on PVM hosts, do not add the kernel options that avoid KVM emulator gaps")
 
 
 def _add_common(p: argparse.ArgumentParser) -> None:
@@ -120,7 +134,9 @@ def config_from_args(args: argparse.Namespace) -> "VmConfig":
         firmware=args.firmware, kernel=args.kernel, initrd=args.initrd, append=args.append,
         serial=ChardevSpec.parse(args.serial, "--serial"), debugcon=ChardevSpec.parse(args.debugcon, "--debugcon"),
         on_reset=args.on_reset, devices=list(args.device), log_post=args.log_post,
-        accounting=not args.no_accounting, name=args.name, uuid=args.uuid,
+        accounting=not args.no_accounting, cpu_model=args.cpu, boot_entry=args.boot_entry,
+        pvm_workarounds=not args.no_pvm_workarounds, pvm_syscall_fix=args.pvm_syscall_fix,
+        emulation_fallbacks=not args.no_emulation_fallbacks, name=args.name, uuid=args.uuid,
         drives=[DriveConfig.parse(d) for d in args.drive], nets=[NetConfig.parse(n) for n in args.nic],
     )
     return apply_file(config, args).validate()

@@ -14,6 +14,8 @@ MIN_MEMORY = 2 * MiB
 MAX_CPUS = 64
 MAX_FIRMWARE = 16 * MiB
 MACHINES = ("microvm", "pc")
+CPU_MODELS = ("auto", "host", "nested-safe")
+BOOT_ENTRIES = ("auto", "pvh", "linux64")
 ON_RESET = ("exit", "restart")
 DEVICES = ("testdev",)
 
@@ -165,7 +167,7 @@ class VmConfig:
     memory: int = 128 * MiB
     memory_backend: str = "anon"    # anon | memfd (shared, for vhost-user)
     cpus: int = 1
-    cpu_model: str = "host"
+    cpu_model: str = "auto"          # auto: nested-safe on PVM hosts, host elsewhere
     firmware: str | None = None
     kernel: str | None = None
     initrd: str | None = None
@@ -178,6 +180,10 @@ class VmConfig:
     nets: list[NetConfig] = field(default_factory=list)
     log_post: bool = False
     accounting: bool = True
+    boot_entry: str = "auto"        # auto | pvh | linux64 (direct kernel boot)
+    pvm_workarounds: bool = True    # on PVM hosts: kernel options and CPUID that avoid the emulator's gaps
+    emulation_fallbacks: bool = True   # complete int3/fwait/clac/stac/popcnt/ldmxcsr when KVM's emulator fails
+    pvm_syscall_fix: str = "auto"   # auto (on PVM hosts) | on | off
 
     def validate(self) -> "VmConfig":
         if self.machine not in MACHINES:
@@ -190,6 +196,12 @@ class VmConfig:
             raise ConfigError(f"memory backend {self.memory_backend!r} is not anon or memfd")
         if not 1 <= self.cpus <= MAX_CPUS:
             raise ConfigError(f"--cpus {self.cpus}: must be between 1 and {MAX_CPUS}")
+        if self.cpu_model not in CPU_MODELS:
+            raise ConfigError(f"--cpu {self.cpu_model!r}: choose host or nested-safe")
+        if self.boot_entry not in BOOT_ENTRIES:
+            raise ConfigError(f"--boot-entry {self.boot_entry!r}: choose auto, pvh or linux64")
+        if self.pvm_syscall_fix not in ("auto", "on", "off"):
+            raise ConfigError(f"--pvm-syscall-fix {self.pvm_syscall_fix!r}: choose auto, on or off")
         if self.on_reset not in ON_RESET:
             raise ConfigError(f"--on-reset {self.on_reset!r}: choose exit or restart")
         for device in self.devices:

@@ -257,11 +257,11 @@ def _os(r: _Reader, root: ET.Element, config: VmConfig) -> None:
 
 def _features(r: _Reader, root: ET.Element, config: VmConfig) -> None:
     cpu = r.child(root, "cpu")
-    if cpu is not None:
-        r.attr(cpu, "mode", allowed=("host-passthrough", "host-model"))
+    if cpu is not None:                           # host-passthrough: the host's CPUID as KVM offers it;
+        mode = r.attr(cpu, "mode", allowed=("host-passthrough", "host-model"))   # host-model: pyhv's choice
         r.attr(cpu, "check", allowed=("none", "partial"))
         r.attr(cpu, "migratable")
-        config.cpu_model = "host"
+        config.cpu_model = "host" if mode == "host-passthrough" else "auto"
     features = r.child(root, "features")
     if features is not None:
         for tag in ("apic", "pae"):               # always there on a pyhv machine
@@ -365,7 +365,8 @@ def _chardev(r: _Reader, node: ET.Element, what: str) -> ChardevSpec:
 
 # --- VmConfig -> domain XML ------------------------------------------------------------------------------------
 def config_to_domain_xml(config: VmConfig) -> str:
-    """The domain XML of `config` (what pyhv can express: no debugcon, testdev or exit accounting switches)."""
+    """The domain XML of `config`. libvirt has no words for pyhv's debugcon, testdev, accounting, nested-safe
+    CPU model or PVM work-around switches: those stay at their defaults when the XML is read back."""
     def el(tag: str, text: str, **attrs: str) -> str:
         a = "".join(f" {k}={quoteattr(v)}" for k, v in attrs.items())
         return f"<{tag}{a}>{escape(text)}</{tag}>"
@@ -377,6 +378,8 @@ def config_to_domain_xml(config: VmConfig) -> str:
     if config.memory_backend == "memfd":
         lines += ["  <memoryBacking>", "    <source type='memfd'/>", "    <access mode='shared'/>",
                   "  </memoryBacking>"]
+    if config.cpu_model == "host":
+        lines.append("  <cpu mode='host-passthrough'/>")
     lines += ["  <os>", f"    {el('type', 'hvm', arch='x86_64', machine=config.machine)}"]
     if config.firmware:
         lines.append(f"    {el('loader', config.firmware, readonly='yes', type='rom')}")

@@ -20,7 +20,11 @@ from typing import Callable
 
 from pyhv.arch.x86 import cpu_dump
 from pyhv.arch.x86.cpuid import processor_signature, vcpu_cpuid
+from pyhv.arch.x86.emulate import InstructionCompleter, UnsupportedInstruction
 from pyhv.arch.x86.firmware import map_firmware
+from pyhv.arch.x86.linux_boot import LinuxBoot
+from pyhv.arch.x86.pvm import nested_safe_cpuid, pvm_cmdline
+from pyhv.arch.x86.pvm_syscall import SyscallRepair
 from pyhv.arch.x86.reset import reset_state
 from pyhv.chardev import Chardev, open_chardev
 from pyhv.config import VmConfig
@@ -49,6 +53,7 @@ VGA_START, VGA_END = 0xA0000, 0xC0000
 IDENTITY_MAP_ADDR = 0xFEFFC000       # as QEMU: one page, then the 3-page TSS
 TSS_ADDR = 0xFEFFD000
 
+DEFAULT_CMDLINE = "console=ttyS0 reboot=k panic=-1"
 EXIT_GUEST_CRASHED = 3               # internal error, failed entry, triple fault
 
 
@@ -73,31 +78,70 @@ class Machine:
         self.vm.set_identity_map_addr(IDENTITY_MAP_ADDR)
         self.vm.set_tss_addr(TSS_ADDR)
         self.vm.create_irqchip()
-        self.vm.create_pit2()
+        self.vm.create_pit2(speaker_dummy=True)   # KVM then also serves port 0x61 (PIT channel 2 gate/output)
 
         self._build_memory()
         self._build_isa_devices()
         self.boot_rom: MemoryRegion | None = None
+        self.linux: LinuxBoot | None = None
         if config.firmware:
             with open(config.firmware, "rb") as f:
                 self.boot_rom = map_firmware(self.system_memory, f.read())
         elif config.kernel:
-            raise ConfigError("--kernel is not supported by this build yet", "boot firmware with --firmware")
+            self.linux = LinuxBoot.prepare(config.kernel, config.initrd, self._kernel_cmdline(), self.below_4g,
+                                           self.above_4g, config.cpus, config.boot_entry)
+            log.info("booting %s", self.linux.describe())
         else:
-            raise ConfigError("nothing to boot", "give --firmware FILE (or --kernel FILE)")
+            raise ConfigError("nothing to boot", "give --kernel FILE or --firmware FILE")
 
         supported = self.kvm.supported_cpuid()
+        self.cpu_model = config.cpu_model if config.cpu_model != "auto" else (
+            "nested-safe" if self.flavour.is_pvm else "host")
+        if self.cpu_model == "nested-safe":
+            supported = nested_safe_cpuid(supported)
         self.processor_signature = processor_signature(supported)
+        self.cpu_features = next((e.edx for e in supported if e.function == 1), 0)
         self.vcpus: list[VcpuThread] = []
         handlers = self._exit_handlers()
         for i in range(config.cpus):
             vcpu = self.vm.create_vcpu(i)
             vcpu.set_cpuid2(vcpu_cpuid(supported, i, config.cpus))
-            reset_state(vcpu, self.processor_signature)
             self.vcpus.append(VcpuThread(vcpu, self.io, self.memory, handlers, accounting=config.accounting,
                                          on_first_run=self._first_run if i == 0 else None))
+        fix = config.pvm_syscall_fix
+        self.syscall_repair = SyscallRepair(self.guest_memory.read) if self.linux is not None and (
+            fix == "on" or (fix == "auto" and self.flavour.is_pvm)) else None
         self._initial_lapics = [v.vcpu.get_lapic() for v in self.vcpus]
         self._initial_irqchips = [self.vm.get_irqchip(chip) for chip in range(3)]
+        self._boot_state()
+
+    def _kernel_cmdline(self) -> str:
+        cmdline = self.config.append or DEFAULT_CMDLINE
+        if self.flavour.is_pvm and self.config.pvm_workarounds:
+            tsc_khz = None
+            try:
+                with open("/sys/devices/system/cpu/cpu0/tsc_freq_khz") as f:
+                    tsc_khz = int(f.read())
+            except (OSError, ValueError):
+                pass
+            cmdline, added = pvm_cmdline(cmdline, tsc_khz)
+            if added:
+                log.info("PVM host: added kernel options: %s", " ".join(added))
+        return cmdline
+
+    def _boot_state(self) -> None:
+        """Every vCPU's state at power-on (and after a reset): the reset vector for firmware, the kernel's
+        entry for direct Linux boot (with the kernel, initrd and tables written to RAM again)."""
+        if self.linux is not None:
+            self.linux.load(self.guest_memory, self.processor_signature, self.cpu_features)
+        for v in self.vcpus:
+            if self.linux is not None:
+                self.linux.setup_vcpu(v.vcpu, self.guest_memory, bsp=v.id == 0)
+                if v.id:
+                    v.vcpu.set_mp_state(C.KVM_MP_STATE_UNINITIALIZED)
+            else:
+                reset_state(v.vcpu, self.processor_signature)
+                v.vcpu.set_mp_state(C.KVM_MP_STATE_RUNNABLE if v.id == 0 else C.KVM_MP_STATE_UNINITIALIZED)
 
     # --- construction ------------------------------------------------------------------------------------
     def _build_memory(self) -> None:
@@ -187,6 +231,7 @@ class Machine:
             C.KVM_EXIT_FAIL_ENTRY: lambda v, r: self.crash(v, "KVM: entry failed, hardware error "
                                                            f"{v.vcpu.run.fail_entry.hardware_entry_failure_reason:#x}"),
             C.KVM_EXIT_SYSTEM_EVENT: self._on_system_event,
+            C.KVM_EXIT_DEBUG: self._on_debug,
             C.KVM_EXIT_HLT: lambda v, r: self.crash(v, "vCPU halted with no interrupt controller"),
             C.KVM_EXIT_IRQ_WINDOW_OPEN: lambda v, r: True,
             None: lambda v, r: self.crash(v, f"unexpected KVM exit {C.EXIT_REASON_NAMES.get(r, r)}"),
@@ -202,12 +247,48 @@ class Machine:
 
     def _on_internal_error(self, vcpu: VcpuThread, reason: int) -> bool:
         internal = vcpu.vcpu.run.internal
+        if internal.suberror == C.KVM_INTERNAL_ERROR_EMULATION and self.config.emulation_fallbacks:
+            failure = vcpu.vcpu.run.emulation_failure
+            if failure.flags & C.KVM_INTERNAL_ERROR_EMULATION_FLAG_INSTRUCTION_BYTES:
+                code = bytes(failure.insn_bytes[:failure.insn_size])
+                completer = InstructionCompleter(vcpu.vcpu, self.guest_memory.read, self.guest_memory.write)
+                try:
+                    name = completer.complete(code)
+                except UnsupportedInstruction as e:
+                    log.debug("cannot complete %s: %s", code.hex(" "), e)
+                else:
+                    vcpu.stats.fallbacks[name] = vcpu.stats.fallbacks.get(name, 0) + 1
+                    return True
         lines = [f"KVM internal error. Suberror: {internal.suberror}"]
         for i in range(min(internal.ndata, 16)):
             lines.append(f"extra data[{i}]: {internal.data[i]:#018x}")
         if internal.suberror == C.KVM_INTERNAL_ERROR_EMULATION:
             lines.append("emulation failure")
         return self.crash(vcpu, "\n".join(lines))
+
+    def _on_debug(self, vcpu: VcpuThread, reason: int) -> bool:
+        done = self.syscall_repair.on_debug_exit(vcpu.vcpu) if self.syscall_repair else None
+        if done is None:
+            return self.crash(vcpu, f"unexpected debug exit at {vcpu.vcpu.run.debug.pc:#x}")
+        if done in ("syscall", "fault"):
+            key = "syscall" if done == "syscall" else "page-fault pass-through"
+            vcpu.stats.fallbacks[key] = vcpu.stats.fallbacks.get(key, 0) + 1
+        return True
+
+    def _poll_syscall_repair(self) -> None:
+        """Until the guest kernel has set LSTAR on every vCPU, look again every 100 ms (I/O thread)."""
+        if self.state == "shutdown" or self.syscall_repair is None:
+            return
+        pending = False
+        for v in self.vcpus:
+            if v.id not in self.syscall_repair.armed:
+                try:
+                    pending |= not v.call(lambda v=v: self.syscall_repair.try_arm(v.vcpu))
+                except (TimeoutError, OSError) as e:
+                    log.debug("SYSCALL repair: vCPU %d not armed yet: %s", v.id, e)
+                    pending = True
+        if pending:
+            self.iothread.call_later(0.1, self._poll_syscall_repair)
 
     def _on_system_event(self, vcpu: VcpuThread, reason: int) -> bool:
         kind = vcpu.vcpu.run.system_event.type
@@ -273,6 +354,8 @@ class Machine:
             self.state = "running"
             for v in self.vcpus:
                 v.start()
+            if self.syscall_repair is not None:
+                self.iothread.call_later(0.1, self._poll_syscall_repair)
 
     def wait(self, timeout: float | None = None) -> int | None:
         """Block until the VM ends (returns its exit status) or `timeout` passes (returns None)."""
@@ -364,8 +447,11 @@ class Machine:
                 self.vm.set_irqchip(chip)
             for v, lapic in zip(self.vcpus, self._initial_lapics):
                 v.vcpu.set_lapic(lapic)
-                reset_state(v.vcpu, self.processor_signature)
-                v.vcpu.set_mp_state(C.KVM_MP_STATE_RUNNABLE if v.id == 0 else C.KVM_MP_STATE_UNINITIALIZED)
+                if self.syscall_repair is not None:
+                    self.syscall_repair.disarm(v.vcpu)
+            self._boot_state()
+            if self.syscall_repair is not None:
+                self.iothread.call_later(0.1, self._poll_syscall_repair)
             if was_running:
                 self._resume_vcpus()
         self._emit("RESET", guest=True)

@@ -32,7 +32,9 @@ OPTION_FIELDS = {"machine": "machine", "memory": "memory", "cpus": "cpus", "memo
                  "firmware": "firmware", "kernel": "kernel", "initrd": "initrd", "append": "append",
                  "serial": "serial", "debugcon": "debugcon", "on_reset": "on_reset", "device": "devices",
                  "log_post": "log_post", "no_accounting": "accounting", "name": "name", "uuid": "uuid",
-                 "drive": "drives", "nic": "nets"}
+                 "drive": "drives", "nic": "nets", "cpu": "cpu_model", "boot_entry": "boot_entry",
+                 "no_pvm_workarounds": "pvm_workarounds", "pvm_syscall_fix": "pvm_syscall_fix",
+                 "no_emulation_fallbacks": "emulation_fallbacks"}
 LIST_FIELDS = ("devices", "drives", "nets")
 
 
@@ -126,13 +128,20 @@ def config_to_args(config: VmConfig) -> list[str]:
         opt("--debugcon", config.debugcon)
     if config.on_reset != default.on_reset:
         opt("--on-reset", config.on_reset)
-    if config.log_post:
-        args.append("--log-post")
-    if not config.accounting:
-        args.append("--no-accounting")
+    if config.cpu_model != default.cpu_model:
+        opt("--cpu", config.cpu_model)
+    if config.boot_entry != default.boot_entry:
+        opt("--boot-entry", config.boot_entry)
+    if config.pvm_syscall_fix != default.pvm_syscall_fix:
+        opt("--pvm-syscall-fix", config.pvm_syscall_fix)
+    for flag, on in (("--log-post", config.log_post), ("--no-accounting", not config.accounting),
+                     ("--no-pvm-workarounds", not config.pvm_workarounds),
+                     ("--no-emulation-fallbacks", not config.emulation_fallbacks)):
+        if on:
+            args.append(flag)
     known = {"name", "uuid", "machine", "memory", "cpus", "memory_backend", "firmware", "kernel", "initrd",
              "append", "drives", "nets", "devices", "serial", "debugcon", "on_reset", "log_post", "accounting",
-             "cpu_model"}                 # cpu_model: "host" is the only model
+             "cpu_model", "boot_entry", "pvm_workarounds", "pvm_syscall_fix", "emulation_fallbacks"}
     missed = {f.name for f in fields(VmConfig)} - known
     if missed:                          # a field added to VmConfig without a command-line form here
         raise ConfigError(f"cannot express config fields {', '.join(sorted(missed))} as pyhv run options")
