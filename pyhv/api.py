@@ -121,10 +121,12 @@ class VM:
                  drives: Iterable[str | DriveConfig] = (), nics: Iterable[str | NetConfig] = (),
                  agent: bool = False, name: str = "pyhv", config: VmConfig | None = None, **options: Any) -> None:
         """Describe a VM (started by `start()` or the `with` statement). `drives` take `DriveConfig`s or
-        `--drive` strings ("file=disk.img,readonly=on"), `nics` `NetConfig`s or `--nic` strings; `agent=True` adds
-        `pyhv.agent=1` to the kernel command line for `run()`; other `VmConfig` fields may be given by name, or a
-        whole `config`."""
+        `--drive` strings ("file=disk.img,readonly=on"), `nics` `NetConfig`s or `--nic` strings; with a kernel,
+        `console=ttyS0` is added to its command line unless it names a console; `agent=True` adds `pyhv.agent=1`
+        for `run()`; other `VmConfig` fields may be given by name, or a whole `config`."""
         if config is None:
+            if kernel and not any(word.startswith("console=") for word in append.split()):
+                append = f"console=ttyS0 {append}".strip()      # vm.console is the first serial port
             if agent and AGENT_CMDLINE not in append.split():
                 append = f"{append} {AGENT_CMDLINE}".strip()
             config = VmConfig(name=name, kernel=kernel, firmware=firmware, initrd=initrd, append=append,

@@ -8,6 +8,7 @@ import threading
 import pytest
 
 import pyhv
+from pyhv.api import Result
 from pyhv.chardev import ChardevSpec
 from pyhv.errors import GuestImageError
 
@@ -86,3 +87,20 @@ def test_quit_before_the_machine_starts_ends_it_cleanly(guest):
         assert machine.vcpus[0].thread is None                   # the guest never ran
     finally:
         machine.close()
+
+
+@pytest.mark.slow
+def test_run_commands_in_the_projects_linux_guest(request):
+    """vm.run() through the console agent of the project's guest (pyhv.assets: small kernel + busybox
+    initramfs whose /init speaks the agent protocol), booted directly by pyhv. Minutes on PVM hosts."""
+    pytest.importorskip("pyhv.assets", reason="this tree has no guest assets (pyhv.assets) yet")
+    assets = request.getfixturevalue("linux_guest")
+    with pyhv.VM(kernel=str(assets.vmlinux), initrd=str(assets.initramfs), memory="256M", agent=True) as vm:
+        result = vm.run("echo hello from the guest", timeout=900)   # the first command waits for the boot
+        assert result == Result("hello from the guest\n", 0)
+        assert vm.run("uname -r").stdout.strip() == assets.kernel_release
+        assert vm.run("sh -c 'exit 7'").exit_status == 7
+        vm.pause()
+        assert vm.qmp("query-status")["status"] == "paused"
+        vm.resume()
+        assert vm.run("true").exit_status == 0

@@ -113,6 +113,7 @@ def test_what_libvirt_reads_back_gives_the_same_config(domain_file, files):
 def test_config_to_xml_is_libvirt_xml_and_reads_back_equal(domain_file, files):
     config = expected_full(files)
     config.memory_backend = "memfd"
+    config.cpu_model = "host"
     text = config_to_domain_xml(config)
     dom = domain_file(text, "generated.xml")
     again, warnings = parse_domain_xml(dom.path.read_text())
@@ -307,3 +308,12 @@ def test_drive_and_nic_options_round_trip(files):
     assert NetConfig.parse(nic.to_arg()) == nic
     with pytest.raises(ConfigError, match="only tap"):
         NetConfig.parse("user,ifname=x")
+
+
+def test_pyhv_only_options_round_trip_through_args(files):
+    """Options libvirt has no words for still survive config -> args -> config."""
+    config = VmConfig(name="knobs", firmware=files["bios.bin"], cpu_model="nested-safe", boot_entry="pvh",
+                      pvm_workarounds=False, emulation_fallbacks=False, pvm_syscall_fix="off", log_post=True,
+                      accounting=False, devices=["testdev"], debugcon=ChardevSpec("file", "/tmp/debugcon.log"),
+                      memory_backend="memfd", on_reset="restart").validate()
+    assert args_to_config(config_to_args(config)) == config
