@@ -70,22 +70,26 @@ class QmpConnection:
         self.negotiated = False
         self.out = bytearray()
         self.lock = threading.Lock()
-        self.closing = False         # close once the output is flushed (after `quit`)
+        self.closing = False         # read no more; close once the output is flushed
+        self.dropped = False         # close now, unflushed (a client that does not read its messages)
 
     def send(self, message: dict) -> None:
         data = encode(message)
         with self.lock:
+            if self.dropped:
+                return
             if len(self.out) + len(data) > MAX_OUTPUT_BACKLOG:
                 log.warning("QMP client is not reading its messages; dropping it")
-                self.closing = True
+                self.dropped = self.closing = True
                 self.out.clear()
-                self.server.wake()
-                return
-            self.out += data
+            else:
+                self.out += data
         self.server.wake()
 
     def handle_input(self, data: bytes) -> None:
         for item in self.stream.feed(data):
+            if self.dropped:
+                return
             if isinstance(item, JsonStreamError):
                 self.send({"error": {"class": "GenericError", "desc": item.desc}})
                 continue
@@ -206,8 +210,8 @@ class QmpServer:
     def _update_interest(self) -> None:
         for fd, conn in list(self.connections.items()):
             with conn.lock:
-                want_write, closing = bool(conn.out), conn.closing
-            if closing and not want_write:
+                want_write, closing, dropped = bool(conn.out), conn.closing, conn.dropped
+            if dropped or (closing and not want_write):
                 self._close(conn)
                 continue
             mask = selectors.EVENT_READ | (selectors.EVENT_WRITE if want_write else 0)
