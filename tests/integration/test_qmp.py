@@ -10,7 +10,6 @@ import socket
 import stat
 import subprocess
 import sys
-import threading
 
 import pytest
 from qemu.qmp import EventListener, ExecuteError, QMPClient
