@@ -312,9 +312,10 @@ def cmd_destroy(args: argparse.Namespace) -> int:
     try:
         with dom.qmp(timeout=5) as client:
             client.execute("quit")
+        answered = True
     except (OSError, PyhvError, ValueError):
-        pass
-    if not _wait_gone(dom, pid, STOP_TIMEOUT):
+        answered = False                           # a pyhv that does not answer gets signals at once
+    if not (answered and _wait_gone(dom, pid, STOP_TIMEOUT)):
         for sig in (signal.SIGTERM, signal.SIGKILL):
             try:
                 os.kill(pid, sig)

@@ -140,6 +140,22 @@ def test_destroy_a_busy_guest(virsh, guest, domain_file):
     assert states(virsh, "--all") == {"busy": ("-", "shut off")}
 
 
+def test_destroy_a_pyhv_that_does_not_answer(virsh, guest, domain_file):
+    """A frozen pyhv (SIGSTOP: its QMP server never answers) is killed by destroy."""
+    xml = domain_file(domain_xml("frozen", guest("echoloop", BUSY=0)))
+    virsh("define", str(xml.path))
+    virsh("start", "frozen")
+    pid = int(states(virsh)["frozen"][0])
+    os.kill(pid, signal.SIGSTOP)
+    try:
+        virsh("destroy", "frozen")
+        assert not pid_alive(pid)
+    finally:
+        if pid_alive(pid):
+            os.kill(pid, signal.SIGKILL)
+    assert states(virsh, "--all") == {"frozen": ("-", "shut off")}
+
+
 def test_list_notices_a_killed_vm_process(virsh, guest, domain_file):
     xml = domain_file(domain_xml("victim", guest("echoloop", BUSY=0)))
     virsh("define", str(xml.path))
