@@ -78,6 +78,13 @@ def console(virsh, name: str, typed: bytes, after_escape: bytes = b"") -> bytes:
     return out
 
 
+def define_and_start(virsh, domain_file, name: str, firmware: str) -> int:
+    """Define and start a domain running `firmware`; the pid of its pyhv process."""
+    virsh("define", str(domain_file(domain_xml(name, firmware)).path))
+    virsh("start", name)
+    return int(states(virsh)[name][0])
+
+
 def pid_alive(pid: int) -> bool:
     try:
         with open(f"/proc/{pid}/stat") as f:
@@ -131,10 +138,7 @@ def test_define_start_console_suspend_resume_shutdown_destroy_undefine(virsh, gu
 
 
 def test_destroy_a_busy_guest(virsh, guest, domain_file):
-    xml = domain_file(domain_xml("busy", guest("echoloop", BUSY=1)))
-    virsh("define", str(xml.path))
-    virsh("start", "busy")
-    pid = int(states(virsh)["busy"][0])
+    pid = define_and_start(virsh, domain_file, "busy", guest("echoloop", BUSY=1))
     virsh("destroy", "busy")
     assert not pid_alive(pid)
     assert states(virsh, "--all") == {"busy": ("-", "shut off")}
@@ -142,10 +146,7 @@ def test_destroy_a_busy_guest(virsh, guest, domain_file):
 
 def test_destroy_a_pyhv_that_does_not_answer(virsh, guest, domain_file):
     """A frozen pyhv (SIGSTOP: its QMP server never answers) is killed by destroy."""
-    xml = domain_file(domain_xml("frozen", guest("echoloop", BUSY=0)))
-    virsh("define", str(xml.path))
-    virsh("start", "frozen")
-    pid = int(states(virsh)["frozen"][0])
+    pid = define_and_start(virsh, domain_file, "frozen", guest("echoloop", BUSY=0))
     os.kill(pid, signal.SIGSTOP)
     try:
         virsh("destroy", "frozen")
@@ -157,10 +158,7 @@ def test_destroy_a_pyhv_that_does_not_answer(virsh, guest, domain_file):
 
 
 def test_list_notices_a_killed_vm_process(virsh, guest, domain_file):
-    xml = domain_file(domain_xml("victim", guest("echoloop", BUSY=0)))
-    virsh("define", str(xml.path))
-    virsh("start", "victim")
-    pid = int(states(virsh)["victim"][0])
+    pid = define_and_start(virsh, domain_file, "victim", guest("echoloop", BUSY=0))
     os.kill(pid, signal.SIGKILL)
     while pid_alive(pid):                                   # SIGKILL is prompt
         time.sleep(0.01)
