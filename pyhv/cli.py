@@ -91,6 +91,11 @@ def _add_run_options(p: argparse.ArgumentParser) -> None:
     behaviour.add_argument("--dump-mtree", action="store_true",
                            help="print the memory and I/O region trees (like QEMU's 'info mtree') and exit")
     behaviour.add_argument("--log-post", action="store_true", help="log each POST code written to port 0x80")
+    behaviour.add_argument("--profile-guest", metavar="HZ", type=float, nargs="?", const=100.0,
+                           help="sample the vCPUs' instruction pointers (default 100 Hz) and print the guest "
+                                "kernel functions they were in at exit (symbols from an ELF --kernel or "
+                                "--system-map)")
+    behaviour.add_argument("--system-map", metavar="FILE", help="kernel symbols for --profile-guest")
     behaviour.add_argument("--pvm-syscall-fix", choices=("auto", "on", "off"), default="auto",
                            help="repair SYSCALL from guest user mode, which PVM hosts leave at CPL 3 "
                                 "(auto: on PVM hosts, for --kernel)")
@@ -144,19 +149,27 @@ def config_from_args(args: argparse.Namespace) -> "VmConfig":
 
 def cmd_run(args: argparse.Namespace) -> int:
     from pyhv.machine import Machine
-
     from pyhv.runargs import RunHooks
 
     config = config_from_args(args)
     machine = Machine(config)
     hooks = RunHooks(args)
+    profiler = None
     try:
         hooks.open(machine)
         if args.dump_mtree:
             print(machine.dump_mtree())
             return 0
+        if args.profile_guest:
+            from pyhv.profiler import GuestProfiler, elf_symbols, system_map_symbols
+            symbols = (system_map_symbols(args.system_map) if args.system_map
+                       else elf_symbols(config.kernel) if config.kernel else [])
+            profiler = GuestProfiler(machine, args.profile_guest, symbols)
+            profiler.start()
         hooks.start()
         status = machine.run()
+        if profiler is not None:
+            print(profiler.report(), file=sys.stderr)
         if args.stats:
             print(machine.stats_report(), file=sys.stderr)
         if args.stats_json:

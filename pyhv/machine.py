@@ -84,11 +84,16 @@ class Machine:
         self._build_isa_devices()
         self.boot_rom: MemoryRegion | None = None
         self.linux: LinuxBoot | None = None
+        self._vcpu0 = self.vm.create_vcpu(0)
+        try:
+            tsc_khz = self._vcpu0.get_tsc_khz()
+        except OSError:
+            tsc_khz = None
         if config.firmware:
             with open(config.firmware, "rb") as f:
                 self.boot_rom = map_firmware(self.system_memory, f.read())
         elif config.kernel:
-            self.linux = LinuxBoot.prepare(config.kernel, config.initrd, self._kernel_cmdline(), self.below_4g,
+            self.linux = LinuxBoot.prepare(config.kernel, config.initrd, self._kernel_cmdline(tsc_khz), self.below_4g,
                                            self.above_4g, config.cpus, config.boot_entry)
             log.info("booting %s", self.linux.describe())
         else:
@@ -104,7 +109,7 @@ class Machine:
         self.vcpus: list[VcpuThread] = []
         handlers = self._exit_handlers()
         for i in range(config.cpus):
-            vcpu = self.vm.create_vcpu(i)
+            vcpu = self._vcpu0 if i == 0 else self.vm.create_vcpu(i)
             vcpu.set_cpuid2(vcpu_cpuid(supported, i, config.cpus))
             self.vcpus.append(VcpuThread(vcpu, self.io, self.memory, handlers, accounting=config.accounting,
                                          on_first_run=self._first_run if i == 0 else None))
@@ -115,15 +120,9 @@ class Machine:
         self._initial_irqchips = [self.vm.get_irqchip(chip) for chip in range(3)]
         self._boot_state()
 
-    def _kernel_cmdline(self) -> str:
+    def _kernel_cmdline(self, tsc_khz: int | None) -> str:
         cmdline = self.config.append or DEFAULT_CMDLINE
         if self.flavour.is_pvm and self.config.pvm_workarounds:
-            tsc_khz = None
-            try:
-                with open("/sys/devices/system/cpu/cpu0/tsc_freq_khz") as f:
-                    tsc_khz = int(f.read())
-            except (OSError, ValueError):
-                pass
             cmdline, added = pvm_cmdline(cmdline, tsc_khz)
             if added:
                 log.info("PVM host: added kernel options: %s", " ".join(added))

@@ -171,8 +171,8 @@ def build_zero_page(header: bytes, e820: list[E820Entry], cmdline_addr: int, cmd
     return zp
 
 
-def e820_map(below_4g: int, above_4g: int, ebda_start: int = 0x9FC00) -> list[E820Entry]:
-    """RAM below 640 KiB (minus the last KiB, where the MP table lives), the 640 KiB-1 MiB hole reserved,
+def e820_map(below_4g: int, above_4g: int, ebda_start: int = 0x9F000) -> list[E820Entry]:
+    """RAM below 636 KiB (the MP tables live in the 4 KiB below 640 KiB), the rest up to 1 MiB reserved,
     RAM from 1 MiB to the PCI hole, and RAM above 4 GiB."""
     entries = [E820Entry(0, ebda_start, E820_RAM), E820Entry(ebda_start, 0x100000 - ebda_start, E820_RESERVED)]
     if below_4g > 0x100000:

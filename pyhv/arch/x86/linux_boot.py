@@ -3,7 +3,8 @@ boot vCPU at the kernel's entry (PVH for an ELF vmlinux that has the note, the 6
 
 Guest-physical layout (all below 1 MiB except the kernel and initrd):
     0x0500  GDT            0x6000  hvm_start_info (PVH)   0x7000  zero page (64-bit protocol)
-    0x9000  page tables    0x20000 command line           0x9fc00 MP table (last KiB of base memory)
+    0x9000  page tables    0x20000 command line           0x9f000 MP configuration table
+    0x9fc00 MP floating pointer (the last KiB of base memory, where the guest looks for it)
     kernel at its ELF physical addresses (16 MiB for x86-64 Linux); initrd at the top of RAM below
     min(initrd_addr_max, the PCI hole).
 """
@@ -15,7 +16,7 @@ from dataclasses import dataclass
 from pyhv.arch.x86 import entry_state
 from pyhv.arch.x86.bootparams import build_zero_page, e820_map
 from pyhv.arch.x86.kernel_image import KernelImage, load_kernel
-from pyhv.arch.x86.mptable import build_mptable
+from pyhv.arch.x86.mptable import build_floating_pointer, build_mptable
 from pyhv.arch.x86.pvh import build_start_info
 from pyhv.errors import ConfigError, GuestImageError
 from pyhv.kvm import Vcpu
@@ -27,7 +28,8 @@ START_INFO_ADDR = 0x6000
 ZERO_PAGE_ADDR = 0x7000
 CMDLINE_ADDR = 0x20000
 CMDLINE_MAX = 0x10000          # room reserved at CMDLINE_ADDR
-MPTABLE_ADDR = 0x9FC00
+MP_TABLE_ADDR = 0x9F000          # reserved in e820 from here to 1 MiB
+MP_FLOATING_ADDR = 0x9FC00
 PAGE = 4096
 
 
@@ -88,8 +90,9 @@ class LinuxBoot:
         if self.initrd is not None:
             memory.write(self.initrd_addr, self.initrd)
         memory.write(CMDLINE_ADDR, self.cmdline.encode() + b"\0")
-        e820 = e820_map(self.below_4g, self.above_4g, MPTABLE_ADDR)
-        memory.write(MPTABLE_ADDR, build_mptable(MPTABLE_ADDR, self.cpus, cpu_signature, cpu_features))
+        e820 = e820_map(self.below_4g, self.above_4g, MP_TABLE_ADDR)
+        memory.write(MP_TABLE_ADDR, build_mptable(MP_TABLE_ADDR, self.cpus, cpu_signature, cpu_features))
+        memory.write(MP_FLOATING_ADDR, build_floating_pointer(MP_TABLE_ADDR))
         initrd = (self.initrd_addr, len(self.initrd)) if self.initrd is not None else None
         if self.entry == "pvh":
             memory.write(START_INFO_ADDR, build_start_info(START_INFO_ADDR, CMDLINE_ADDR, e820, initrd))

@@ -1,6 +1,6 @@
 """Intel MultiProcessor Specification 1.4 tables: how a guest without ACPI finds its CPUs, its I/O APIC and
-the ISA interrupt wiring. A floating pointer ("_MP_") in the last KiB of base memory points at the
-configuration table ("PCMP") that follows it."""
+the ISA interrupt wiring. A floating pointer ("_MP_"), which the guest looks for in the last KiB of base memory,
+points at the configuration table ("PCMP"), which may be elsewhere (with 64 CPUs it is larger than that KiB)."""
 from __future__ import annotations
 
 import struct
@@ -26,8 +26,8 @@ def checksum(data: bytes) -> int:
     return (-sum(data)) & 0xFF
 
 
-def build_mptable(address: int, cpus: int, cpu_signature: int = 0x600, cpu_features: int = 0) -> bytes:
-    """Floating pointer at `address`, configuration table right after it (16-byte aligned)."""
+def build_mptable(table_addr: int, cpus: int, cpu_signature: int = 0x600, cpu_features: int = 0) -> bytes:
+    """The configuration table, to be written at `table_addr`."""
     ioapic_id = cpus                 # after the local APIC ids 0..cpus-1
     entries = bytearray()
     for cpu in range(cpus):
@@ -40,15 +40,19 @@ def build_mptable(address: int, cpus: int, cpu_signature: int = 0x600, cpu_featu
     entries += struct.pack("<BBHBBBB", MP_LINTSRC, MP_EXTINT, 0, 0, 0, 0xFF, 0)   # LINT0: ExtINT
     entries += struct.pack("<BBHBBBB", MP_LINTSRC, MP_NMI, 0, 0, 0, 0xFF, 1)      # LINT1: NMI
     count = cpus + 1 + 1 + len(ISA_IRQS) + 2
-    table_addr = address + 16
     header = bytearray(struct.pack("<4sHBB8s12sIHHIHBB", MPC_SIGNATURE, 44 + len(entries), MP_SPEC_REV, 0,
                                    MPC_OEM, MPC_PRODUCT, 0, 0, count, LAPIC_ADDR, 0, 0, 0))
     table = header + entries
     table[7] = checksum(table)
+    return bytes(table)
+
+
+def build_floating_pointer(table_addr: int) -> bytes:
+    """The 16-byte "_MP_" structure pointing at the configuration table."""
     floating = bytearray(struct.pack("<4sIBBB5x", MPF_SIGNATURE, table_addr, 1, MP_SPEC_REV, 0))
     floating[10] = checksum(floating)
-    return bytes(floating + table)
+    return bytes(floating)
 
 
 def mptable_size(cpus: int) -> int:
-    return 16 + 44 + 20 * cpus + 8 + 8 + 8 * len(ISA_IRQS) + 16
+    return 44 + 20 * cpus + 8 + 8 + 8 * len(ISA_IRQS) + 16

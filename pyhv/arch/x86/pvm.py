@@ -16,6 +16,7 @@ from pyhv.kvm import structs as S
 PVM_KERNEL_OPTIONS = (
     "noxsave", "nofsgsbase", "noinvpcid", "nopcid", "mitigations=off", "tsc=reliable", "no_timer_check",
     "rodata=off", "cryptomgr.notests", "8250.nr_uarts=1",
+    "rcupdate.rcu_cpu_stall_suppress=1",   # emulated kernel code is slow enough to look like a stall
 )
 # Linux 6.1 parses clearcpuid= into a 128-byte buffer and silently drops the rest: keep this under 128 bytes.
 PVM_CLEARCPUID = ("erms,fsrm,popcnt,smap,rdpid,serialize,ssse3,sse4_1,sse4_2,aes,pclmulqdq,sha_ni,movbe,bmi1,bmi2,"
