@@ -137,7 +137,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         if args.stats_json:
             data = machine.exit_stats().as_dict(machine.port_owner)
             data.update(kvm_flavour=machine.flavour.value, exit_status=status, exit_reason=machine.exit_reason,
-                        first_kvm_run_monotonic=machine.first_run_monotonic)
+                        first_kvm_run_monotonic=machine.first_run_monotonic, kvm=machine.kvm_stats())
             with open(args.stats_json, "w") as f:
                 json.dump(data, f, indent=1)
         return status

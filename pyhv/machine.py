@@ -356,6 +356,23 @@ class Machine:
     def exit_stats(self) -> ExitStats:
         return ExitStats.merge([v.stats for v in self.vcpus])
 
+    KVM_STATS = ("exits", "io_exits", "mmio_exits", "halt_exits", "irq_window_exits", "signal_exits",
+                 "insn_emulation")
+
+    def kvm_stats(self) -> dict[str, int]:
+        """KVM's own per-vCPU counters, summed (the ones QEMU's query-stats shows too); {} if unavailable."""
+        from pyhv.kvm.binary_stats import read_stats
+        total: dict[str, int] = {}
+        for v in self.vcpus:
+            try:
+                stats = read_stats(v.vcpu.fd)
+            except OSError:
+                return {}
+            for name in self.KVM_STATS:
+                if isinstance(stats.get(name), int):
+                    total[name] = total.get(name, 0) + stats[name]
+        return total
+
     def port_owner(self, port: int) -> str:
         fr = self.io.view.port_table[port]
         if fr.region is None:
@@ -373,6 +390,9 @@ class Machine:
         extra = [f"unassigned port accesses: {self.io.unassigned_reads} reads, {self.io.unassigned_writes} writes",
                  f"unassigned MMIO accesses: {self.memory.unassigned_reads} reads, "
                  f"{self.memory.unassigned_writes} writes; ROM writes dropped: {self.memory.rom_writes_dropped}"]
+        kvm = self.kvm_stats()
+        if kvm:
+            extra.append("KVM counters: " + ", ".join(f"{k} {v}" for k, v in kvm.items()))
         post = self.devices.get("post")
         if post is not None:
             extra.append(f"POST codes: {post.state.writes} writes, last {post.state.last:#04x}")
