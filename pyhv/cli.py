@@ -52,7 +52,10 @@ def _add_run_options(p: argparse.ArgumentParser) -> None:
     hw.add_argument("--memory-backend", choices=("anon", "memfd"), default="anon",
                     help="anon: private memory; memfd: shareable with other processes (vhost-user)")
     hw.add_argument("--device", action="append", default=[], metavar="NAME",
-                    help="add a device: testdev (port 0xe0 and MMIO 0xfe800000 scratch registers for tests)")
+                    help="add a device: testdev (port 0xe0 and MMIO 0xfe800000 scratch registers for tests); "
+                         "vhost-user-blk-pci,socket=PATH (also -net-, -rng-, and vhost-user-pci,type=T,socket=PATH: "
+                         "a virtio device served by a vhost-user back end; needs --machine pc --memory-backend "
+                         "memfd)")
     hw.add_argument("--drive", action="append", default=[], metavar="SPEC",
                     help="virtio-blk disk (--machine pc): file=PATH[,readonly=on][,cache=none|writeback]"
                          "[,serial=ID][,num-queues=N][,bootindex=N]; repeat for more disks")
@@ -137,7 +140,12 @@ def cmd_run(args: argparse.Namespace) -> int:
         if args.stats_json:
             data = machine.exit_stats().as_dict(machine.port_owner)
             data.update(kvm_flavour=machine.flavour.value, exit_status=status, exit_reason=machine.exit_reason,
-                        first_kvm_run_monotonic=machine.first_run_monotonic, kvm=machine.kvm_stats())
+                        first_kvm_run_monotonic=machine.first_run_monotonic, kvm=machine.kvm_stats(),
+                        unassigned={"port_reads": machine.io.unassigned_reads,
+                                    "port_writes": machine.io.unassigned_writes,
+                                    "mmio_reads": machine.memory.unassigned_reads,
+                                    "mmio_writes": machine.memory.unassigned_writes},
+                        rom_writes_dropped=machine.memory.rom_writes_dropped)
             with open(args.stats_json, "w") as f:
                 json.dump(data, f, indent=1)
         return status

@@ -38,6 +38,13 @@ def format_size(n: int) -> str:
     return str(n)
 
 
+def _int_option(flag: str, text: str, key: str, value: str) -> int:
+    try:
+        return int(value, 0)
+    except ValueError:
+        raise ConfigError(f"{flag} {text!r}: {key.replace('_', '-')}={value} is not a number") from None
+
+
 @dataclass
 class DriveConfig:
     file: str
@@ -70,10 +77,7 @@ class DriveConfig:
             elif key in ("cache", "serial", "format"):
                 fields_[key] = value
             elif key in ("num_queues", "bootindex"):
-                try:
-                    fields_[key] = int(value, 0)
-                except ValueError:
-                    raise ConfigError(f"--drive {text!r}: {key.replace('_', '-')}={value} is not a number") from None
+                fields_[key] = _int_option("--drive", text, key, value)
             else:
                 raise ConfigError(f"--drive {text!r}: unknown option {key.replace('_', '-')!r}",
                                   "use file, readonly, cache, serial, num-queues, bootindex, format")
@@ -93,6 +97,66 @@ class DriveConfig:
             raise ConfigError(f"drive {self.file}: serial {self.serial!r} is longer than 20 bytes")
         if not os.path.exists(self.file):
             raise ConfigError(f"drive {self.file}: no such file")
+
+
+VHOST_USER_DEVICES = {"vhost-user-blk-pci": 2, "vhost-user-net-pci": 1, "vhost-user-rng-pci": 4,
+                      "vhost-user-pci": None}
+VIRTIO_TYPES = {"net": 1, "blk": 2, "console": 3, "rng": 4}
+
+
+@dataclass
+class VhostUserConfig:
+    """`--device vhost-user-blk-pci,socket=PATH[,num-queues=N][,queue-size=N][,bootindex=N]` (also
+    vhost-user-net-pci with mac=, vhost-user-rng-pci, and the generic vhost-user-pci,type=blk|net|rng|ID): a
+    virtio-pci device whose data plane is an external vhost-user back end."""
+    kind: str
+    socket: str
+    device_id: int
+    num_queues: int | None = None
+    queue_size: int = 256
+    bootindex: int | None = None
+    mac: str | None = None
+
+    @classmethod
+    def parse(cls, text: str) -> "VhostUserConfig":
+        kind, *parts = text.split(",")
+        if kind not in VHOST_USER_DEVICES:
+            raise ConfigError(f"unknown device {kind!r}", f"vhost-user devices: {', '.join(VHOST_USER_DEVICES)}")
+        opts: dict = {"kind": kind, "device_id": VHOST_USER_DEVICES[kind]}
+        for part in parts:
+            key, eq, value = part.partition("=")
+            key = key.strip().replace("-", "_")
+            if not eq:
+                raise ConfigError(f"--device {text!r}: {part!r} is not KEY=VALUE")
+            if key in ("socket", "mac"):
+                opts[key] = value
+            elif key == "type" and kind == "vhost-user-pci":
+                try:
+                    opts["device_id"] = VIRTIO_TYPES[value] if value in VIRTIO_TYPES else int(value, 0)
+                except ValueError:
+                    raise ConfigError(f"--device {text!r}: type={value} is not blk, net, rng or a number") from None
+            elif key in ("num_queues", "queue_size", "bootindex"):
+                opts[key] = _int_option("--device", text, key, value)
+            else:
+                raise ConfigError(f"--device {text!r}: unknown option {key.replace('_', '-')!r}",
+                                  "use socket, num-queues, queue-size, bootindex, mac, type (vhost-user-pci)")
+        if not opts.get("socket"):
+            raise ConfigError(f"--device {text!r}: no socket", f"write --device {kind},socket=PATH")
+        if opts["device_id"] is None:
+            raise ConfigError(f"--device {text!r}: no type", "write type=blk, net, rng or a virtio device ID")
+        config = cls(**opts)
+        config.validate()
+        return config
+
+    def validate(self) -> None:
+        if not 1 <= self.device_id <= 63:
+            raise ConfigError(f"{self.kind}: virtio device type {self.device_id} is not within 1-63")
+        if self.num_queues is not None and not 1 <= self.num_queues <= 64:
+            raise ConfigError(f"{self.kind}: num-queues={self.num_queues} is not within 1-64")
+        if self.queue_size < 2 or self.queue_size > 32768 or self.queue_size & (self.queue_size - 1):
+            raise ConfigError(f"{self.kind}: queue-size={self.queue_size} is not a power of 2 up to 32768")
+        if not os.path.exists(self.socket):
+            raise ConfigError(f"{self.kind}: no socket at {self.socket}", "start the vhost-user back end first")
 
 
 @dataclass
@@ -132,8 +196,16 @@ class VmConfig:
         if self.on_reset not in ON_RESET:
             raise ConfigError(f"--on-reset {self.on_reset!r}: choose exit or restart")
         for device in self.devices:
-            if device not in DEVICES:
-                raise ConfigError(f"unknown device {device!r}", f"known devices: {', '.join(DEVICES)}")
+            if device.startswith("vhost-user"):
+                VhostUserConfig.parse(device)
+                if self.machine != "pc":
+                    raise ConfigError(f"{device.split(',')[0]} needs --machine pc")
+                if self.memory_backend != "memfd":
+                    raise ConfigError(f"{device.split(',')[0]}: the back end needs shared guest memory",
+                                      "add --memory-backend memfd")
+            elif device not in DEVICES:
+                raise ConfigError(f"unknown device {device!r}",
+                                  f"known devices: {', '.join(DEVICES + tuple(VHOST_USER_DEVICES))}")
         if self.firmware is not None:
             check_firmware(self.firmware)
         for path, what in ((self.kernel, "kernel"), (self.initrd, "initrd")):
@@ -151,6 +223,9 @@ class VmConfig:
         if self.drives and self.machine != "pc":
             raise ConfigError("--drive needs --machine pc", "virtio disks are PCI devices of the pc machine")
         return self
+
+    def vhost_user_devices(self) -> list[VhostUserConfig]:
+        return [VhostUserConfig.parse(d) for d in self.devices if d.startswith("vhost-user")]
 
     def to_dict(self) -> dict:
         d = asdict(self)

@@ -78,20 +78,47 @@ class PcBoard:
         self.virtio: list = []
         for i, drive in enumerate(cfg.drives):
             self.add_drive(drive, i)
+        for i, vu in enumerate(cfg.vhost_user_devices()):
+            self.add_vhost_user(vu, i)
+
+    def add_vhost_user(self, vu, position: int) -> PciDevice:
+        from pyhv.vhost.frontend import VhostUserFrontend
+        from pyhv.virtio.net import parse_mac
+
+        backend = VhostUserFrontend(vu.socket, vu.device_id, self.vhost_memory_regions, self.machine.iothread,
+                                    num_queues=vu.num_queues, queue_size=vu.queue_size,
+                                    mac=parse_mac(vu.mac) if vu.mac else None)
+        boot_index = vu.bootindex if vu.bootindex is not None else 2000 + position
+        return self.add_virtio(f"vhost-user{position}", backend, boot_index if vu.device_id == 2 else None)
+
+    def vhost_memory_regions(self) -> list[tuple[int, int, int, int, int]]:
+        """Guest RAM as vhost-user regions (gpa, size, user address, offset in the memfd, memfd)."""
+        m = self.machine
+        ram, fd = m.ram, m.ram.fd
+        low = min(m.below_4g, 0xA0000)
+        regions = [(0, low, ram.host_addr, 0, fd)]
+        if m.below_4g > 0xC0000:
+            regions.append((0xC0000, m.below_4g - 0xC0000, ram.host_addr + 0xC0000, 0xC0000, fd))
+        if m.above_4g:
+            regions.append((FOUR_GIB, m.above_4g, ram.host_addr + m.below_4g, m.below_4g, fd))
+        return regions
 
     def add_drive(self, drive, position: int) -> PciDevice:
         from pyhv.virtio.blk import VirtioBlk
+
+        boot_index = drive.bootindex if drive.bootindex is not None else 1000 + position
+        return self.add_virtio(f"virtio-blk{position}", VirtioBlk.from_config(drive), boot_index)
+
+    def add_virtio(self, name: str, backend, boot_index: int | None) -> PciDevice:
+        """Plug a virtio back end behind a virtio-pci function."""
         from pyhv.virtio.pci import VirtioPciDevice
 
         m = self.machine
-        backend = VirtioBlk.from_config(drive)
-        name = f"virtio-blk{position}"
         dev = VirtioPciDevice(name, backend, m.guest_memory, m.iothread,
                               msi_routes=self.msi_routes if m.config.msix else None,
                               use_ioeventfd=m.config.ioeventfd, ioeventfd=self._ioeventfd)
         self.virtio.append(dev)
         m.devices[name] = dev
-        boot_index = drive.bootindex if drive.bootindex is not None else 1000 + position
         return self.plug(dev, boot_index=boot_index)
 
     def _ioeventfd(self, fd: int, addr: int, length: int, deassign: bool) -> None:

@@ -37,7 +37,7 @@ from pyhv.vhost import protocol as P
 from pyhv.vhost.memory import VhostMemoryMap, map_region
 from pyhv.vhost.protocol import Message, VhostUserError
 from pyhv.virtio.device import VirtioDevice, bits
-from pyhv.virtio.device import VIRTIO_F_EVENT_IDX, VIRTIO_F_INDIRECT_DESC
+from pyhv.virtio.device import VIRTIO_F_EVENT_IDX, VIRTIO_F_INDIRECT_DESC, VIRTIO_ID_NET
 from pyhv.virtio.queue import VirtQueue, VirtQueueError
 
 log = logging.getLogger(__name__)
@@ -261,14 +261,21 @@ class VhostUserBackend:
                                  "not offered")
         self.features = features
 
+    def offered_protocol_features(self) -> int:
+        if self.device.device_id == VIRTIO_ID_NET:
+            # a vhost-user net front end keeps the configuration space (MAC, status) itself (QEMU warns when a
+            # net back end offers VHOST_USER_PROTOCOL_F_CONFIG)
+            return PROTOCOL_FEATURES & ~bits(P.VHOST_USER_PROTOCOL_F_CONFIG)
+        return PROTOCOL_FEATURES
+
     def _get_protocol_features(self, msg: Message) -> bytes:
-        return P.U64.pack(PROTOCOL_FEATURES)
+        return P.U64.pack(self.offered_protocol_features())
 
     def _set_protocol_features(self, msg: Message) -> None:
         features = msg.u64()
-        if features & ~PROTOCOL_FEATURES:
-            raise VhostUserError(f"front end set protocol features {features & ~PROTOCOL_FEATURES:#x} that were "
-                                 "not offered")
+        extra = features & ~self.offered_protocol_features()
+        if extra:
+            raise VhostUserError(f"front end set protocol features {extra:#x} that were not offered")
         self.protocol_features = features
 
     def _get_queue_num(self, msg: Message) -> bytes:

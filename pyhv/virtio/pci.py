@@ -203,11 +203,17 @@ class VirtioPciDevice(PciDevice):
         self._ioeventfd = ioeventfd
         self._kick_fds: list[int] = []
         self._registered_at: int = BAR_UNMAPPED
+        # a back end whose data plane is another process (vhost-user) reads the kick eventfds itself and is
+        # given each queue's irqfd as its completion eventfd
+        self.external = bool(getattr(backend, "external_data_plane", False))
         if self.use_ioeventfd:
             for q in range(nq):
                 fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
                 self._kick_fds.append(fd)
-                iothread.add_reader(fd, lambda fd=fd, q=q: self._kicked(fd, q))
+                if not self.external:
+                    iothread.add_reader(fd, lambda fd=fd, q=q: self._kicked(fd, q))
+        if self.external:
+            backend.attach_notifiers(self._kick_fds or None, self._queue_irqfd)
 
     def _add_virtio_cap(self, cfg_type: int, offset: int, length: int, cap_len: int = VIRTIO_PCI_CAP_LEN,
                         bar: int = MODERN_BAR) -> int:
@@ -456,6 +462,14 @@ class VirtioPciDevice(PciDevice):
             return
         self._signal(q.msix_vector, VIRTIO_PCI_ISR_QUEUE)
 
+    def _queue_irqfd(self, queue_index: int) -> int | None:
+        """The eventfd that raises the queue's MSI-X vector in KVM directly, or None (then the back end's
+        completions come through `interrupt`)."""
+        q = self.vstate.queues[queue_index] if 0 <= queue_index < len(self.vstate.queues) else None
+        if q is None or self.msix is None or q.msix_vector == VIRTIO_MSI_NO_VECTOR:
+            return None
+        return self.msix.direct_fd(q.msix_vector)
+
     def config_changed(self) -> None:
         with self.tlock:
             self.vstate.config_generation += 1
@@ -487,7 +501,8 @@ class VirtioPciDevice(PciDevice):
     def close(self) -> None:
         self.backend.close()
         for fd in self._kick_fds:
-            self.iothread.remove_reader(fd)
+            if not self.external:
+                self.iothread.remove_reader(fd)
         if self.use_ioeventfd and self._registered_at != BAR_UNMAPPED:
             self._register_ioeventfds(BAR_UNMAPPED)
         fds, self._kick_fds = self._kick_fds, []

@@ -132,6 +132,25 @@ class MsixCapability:
             self._deliver(vector)
             return True
 
+    def direct_fd(self, vector: int) -> int | None:
+        """An eventfd that raises `vector` with no Python on the way (its route's irqfd), programmed with the
+        vector's current message, for completions signalled by another process (vhost-user call fds). None when
+        MSI-X is off, the vector is masked or invalid, or the route has no eventfd. Mask and message changes
+        made after this are not seen by such a writer."""
+        with self.lock:
+            if not self.enabled or not 0 <= vector < self.nvectors or self.function_masked \
+                    or self.vector_masked(vector):
+                return None
+            addr, data = self.message(vector)
+            route = self.routes[vector]
+            fd = getattr(route, "fd", None)
+            if fd is None or (addr & MSI_ADDRESS_MASK) != MSI_ADDRESS_BASE or addr >> 32:
+                return None
+            if self._routed[vector] != (addr, data):
+                route.set_message(addr, data)
+                self._routed[vector] = (addr, data)
+            return fd
+
     def _deliver(self, vector: int) -> None:
         addr, data = self.message(vector)
         if (addr & MSI_ADDRESS_MASK) != MSI_ADDRESS_BASE or addr >> 32:
