@@ -26,6 +26,7 @@ from pyhv.chardev import Chardev, open_chardev
 from pyhv.config import VmConfig
 from pyhv.devices.cmos_rtc import CmosRtc
 from pyhv.devices.debug_exit import DebugExit
+from pyhv.coalesced_io import DRAIN_INTERVAL, CoalescedIo
 from pyhv.devices.debugcon import DebugCon
 from pyhv.devices.i8042 import I8042
 from pyhv.devices.irq import CallbackIrqLine
@@ -49,6 +50,7 @@ VGA_START, VGA_END = 0xA0000, 0xC0000
 IDENTITY_MAP_ADDR = 0xFEFFC000       # as QEMU: one page, then the 3-page TSS
 TSS_ADDR = 0xFEFFD000
 
+DEBUGCON_PORT = 0x402
 EXIT_GUEST_CRASHED = 3               # internal error, failed entry, triple fault
 
 
@@ -99,6 +101,11 @@ class Machine:
             reset_state(vcpu, self.processor_signature)
             self.vcpus.append(VcpuThread(vcpu, self.io, self.memory, handlers, accounting=config.accounting,
                                          on_first_run=self._first_run if i == 0 else None))
+        self.coalesced = CoalescedIo.create(self.kvm, self.vm, self.vcpus[0].vcpu.run_map, self.io, self.memory)
+        if self.coalesced is not None:
+            self.coalesced.add(DEBUGCON_PORT, DebugCon.SIZE)     # SeaBIOS's log: no exit per byte
+            for v in self.vcpus:
+                v.pre_exit = self.coalesced.drain
         self._initial_lapics = [v.vcpu.get_lapic() for v in self.vcpus]
         self._initial_irqchips = [self.vm.get_irqchip(chip) for chip in range(3)]
 
@@ -170,7 +177,7 @@ class Machine:
         self.map_port(0x80, post.SIZE, "post", post.read, post.write)
         debugcon_out = self._open_chardev(cfg.debugcon)
         debugcon = DebugCon("debugcon", debugcon_out.write)
-        self.map_port(0x402, debugcon.SIZE, "debugcon", debugcon.read, debugcon.write)
+        self.map_port(DEBUGCON_PORT, debugcon.SIZE, "debugcon", debugcon.read, debugcon.write)
         debug_exit = DebugExit("debug-exit", on_exit=self._debug_exit)
         self.map_port(0xF4, debug_exit.SIZE, "debug-exit", debug_exit.read, debug_exit.write)
         self.devices.update({"serial0": uart, "i8042": i8042, "rtc": rtc, "post": post, "debugcon": debugcon,
@@ -271,6 +278,8 @@ class Machine:
             if self.state != "created":
                 raise RuntimeError(f"machine already {self.state}")
             self.iothread.start()
+            if self.coalesced is not None:
+                self._schedule_drain()
             self.state = "running"
             for v in self.vcpus:
                 v.start()
@@ -313,11 +322,21 @@ class Machine:
         self._emit("SHUTDOWN", guest=True, reason=reason)
         self._done.set()
 
+    def _schedule_drain(self) -> None:
+        """Coalesced writes also reach their device when the guest stops exiting (e.g. it halts)."""
+        def tick() -> None:
+            self.coalesced.drain()
+            if self.state != "shutdown":
+                self.iothread.call_later(DRAIN_INTERVAL, tick)
+        self.iothread.call_later(DRAIN_INTERVAL, tick)
+
     def _teardown(self) -> None:
         for v in self.vcpus:
             v.request_stop()
         for v in self.vcpus:
             v.join(timeout=5)
+        if self.coalesced is not None:
+            self.coalesced.drain()
         self.iothread.stop()
         for chardev in self.chardevs:
             chardev.close()
@@ -425,6 +444,8 @@ class Machine:
             for chardev in self.chardevs:
                 chardev.close()
             self.iothread.stop()
+        if self.coalesced is not None:
+            self.coalesced.close()
         for v in self.vcpus:
             v.vcpu.close()
         if self.board is not None:

@@ -58,6 +58,7 @@ class VcpuThread:
         self.memory = memory
         self.exit_handlers = exit_handlers
         self.accounting = accounting
+        self.pre_exit: Callable[[], None] | None = None   # runs before each exit is handled (coalesced I/O)
         self.stats = ExitStats()
         self.on_first_run = on_first_run
         self.thread: threading.Thread | None = None
@@ -190,6 +191,7 @@ class VcpuThread:
         reason_off = KVM_RUN_EXIT_REASON
         data_off = KVM_RUN_EXIT_DATA
         mmio_data = _MMIO_DATA
+        pre_exit = self.pre_exit
         if self.on_first_run is not None:
             self.on_first_run()
         t_done = clock()
@@ -199,6 +201,8 @@ class VcpuThread:
                 t_exit = clock()
                 run_cell[0] += 1
                 run_cell[1] += t_exit - t_done
+            if pre_exit is not None:
+                pre_exit()
             if ret < 0:
                 err = get_errno()
                 if err != errno.EINTR and err != errno.EAGAIN:
