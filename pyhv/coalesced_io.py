@@ -97,11 +97,3 @@ class CoalescedIo:
             if self.ring is not None:
                 self.ring.release()
                 self.ring = None
-
-    def close(self) -> None:
-        """Drain and let go of the vCPU mapping (before the vCPU fd and its mmap are closed)."""
-        self.drain()
-        with self.lock:
-            if self.ring is not None:
-                self.ring.release()
-                self.ring = None
