@@ -37,7 +37,7 @@ from pyhv.errors import ConfigError, GuestImageError
 from pyhv.iothread import IoThread
 from pyhv.kvm import Kvm
 from pyhv.kvm import constants as C
-from pyhv.memory import AddressSpace, GuestMemory, MemoryRegion, RamBlock
+from pyhv.memory import AddressSpace, GuestMemory, MemoryRegion, RamBlock, memory_transaction
 from pyhv.memory.kvm_slots import KvmMemslots
 from pyhv.stats import ExitStats
 from pyhv.vcpu import VcpuThread, install_kick_handler
@@ -76,20 +76,8 @@ class Machine:
         self.vm.create_irqchip()
         self.vm.create_pit2()
 
-        self._build_memory()
-        self._build_isa_devices()
-        self.boot_rom: MemoryRegion | None = None
-        if config.firmware:
-            with open(config.firmware, "rb") as f:
-                self.boot_rom = map_firmware(self.system_memory, f.read())
-        elif config.kernel:
-            raise ConfigError("--kernel is not supported by this build yet", "boot firmware with --firmware")
-        else:
-            raise ConfigError("nothing to boot", "give --firmware FILE (or --kernel FILE)")
-        self.board = None
-        if config.machine == "pc":
-            from pyhv.pc_board import PcBoard
-            self.board = PcBoard(self)
+        with memory_transaction():           # one flat view and one set of memslots for the whole board
+            self._build_board()
 
         supported = self.kvm.supported_cpuid()
         self.processor_signature = processor_signature(supported)
@@ -110,6 +98,24 @@ class Machine:
         self._initial_irqchips = [self.vm.get_irqchip(chip) for chip in range(3)]
 
     # --- construction ------------------------------------------------------------------------------------
+    def _build_board(self) -> None:
+        """Memory map, ISA devices, firmware ROM and, for `pc`, the PCI board (inside one memory transaction)."""
+        config = self.config
+        self._build_memory()
+        self._build_isa_devices()
+        self.boot_rom: MemoryRegion | None = None
+        if config.firmware:
+            with open(config.firmware, "rb") as f:
+                self.boot_rom = map_firmware(self.system_memory, f.read())
+        elif config.kernel:
+            raise ConfigError("--kernel is not supported by this build yet", "boot firmware with --firmware")
+        else:
+            raise ConfigError("nothing to boot", "give --firmware FILE (or --kernel FILE)")
+        self.board = None
+        if config.machine == "pc":
+            from pyhv.pc_board import PcBoard
+            self.board = PcBoard(self)
+
     def _build_memory(self) -> None:
         cfg = self.config
         self.system_memory = MemoryRegion.container("system", 1 << 64)
