@@ -435,6 +435,11 @@ class Machine:
             extra.append(f"POST codes: {post.state.writes} writes, last {post.state.last:#04x}")
         return text + "\n  " + "\n  ".join(extra)
 
+    def query_pci(self) -> list[dict]:
+        """Every PCI function (bus/slot/function, ids, class, BARs with address and size, IRQ), as QMP's
+        query-pci would list them; [] on a machine without PCI."""
+        return self.board.bus.describe() if self.board is not None else []
+
     def dump_pci(self) -> str:
         return self.board.bus.dump() if self.board is not None else "(no PCI bus on this machine type)"
 
