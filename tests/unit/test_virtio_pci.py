@@ -8,7 +8,6 @@ import pytest
 
 from pyhv.devices.pci.constants import PCI_COMMAND_MEMORY, PCI_MSIX_FLAGS_ENABLE
 from pyhv.iothread import IoThread
-from pyhv.memory import MemoryRegion
 from pyhv.virtio.blk import VIRTIO_BLK_T_IN, VirtioBlk
 from pyhv.virtio.device import (
     VIRTIO_CONFIG_S_ACKNOWLEDGE, VIRTIO_CONFIG_S_DRIVER, VIRTIO_CONFIG_S_FEATURES_OK,
@@ -159,7 +158,7 @@ def test_request_with_msix_vector(rig):
 def test_queue_registers_are_frozen_after_driver_ok_and_status_zero_resets(rig):
     board, dev, mem, line = rig
     m = board.memory
-    drv = setup_driver(board, mem, 1 << 32)
+    setup_driver(board, mem, 1 << 32)
     m.write(COMMON + 0x14, 1, 0xF)
     m.write(COMMON + 0x18, 2, 8)
     assert m.read(COMMON + 0x18, 2) == 16
@@ -173,7 +172,7 @@ def test_queue_registers_are_frozen_after_driver_ok_and_status_zero_resets(rig):
 
 def test_bad_ring_sets_needs_reset(rig):
     board, dev, mem, line = rig
-    drv = setup_driver(board, mem, 1 << 32)
+    setup_driver(board, mem, 1 << 32)
     board.memory.write(COMMON + 0x20, 8, (1 << 20) - 8)              # descriptor table past the end of RAM
     board.memory.write(COMMON + 0x14, 1, 0xF)
     assert board.memory.read(COMMON + 0x14, 1) & VIRTIO_CONFIG_S_NEEDS_RESET
