@@ -59,10 +59,16 @@ def _add_run_options(p: argparse.ArgumentParser) -> None:
     hw.add_argument("--memory-backend", choices=("anon", "memfd"), default="anon",
                     help="anon: private memory; memfd: shareable with other processes (vhost-user)")
     hw.add_argument("--device", action="append", default=[], metavar="NAME",
-                    help="add a device: testdev (port 0xe0 and MMIO 0xfe800000 scratch registers for tests)")
-    hw.add_argument("--drive", action="append", default=[], metavar="file=PATH[,readonly=on][,cache=none]...",
-                    help="a virtio disk backed by a raw image (options: readonly, cache, serial, num-queues, "
-                         "format)")
+                    help="add a device: testdev (port 0xe0 and MMIO 0xfe800000 scratch registers for tests); "
+                         "vhost-user-blk-pci,socket=PATH (also -net-, -rng-, and vhost-user-pci,type=T,socket=PATH: "
+                         "a virtio device served by a vhost-user back end; needs --machine pc --memory-backend "
+                         "memfd)")
+    hw.add_argument("--drive", action="append", default=[], metavar="SPEC",
+                    help="virtio-blk disk (--machine pc): file=PATH[,readonly=on][,cache=none|writeback]"
+                         "[,serial=ID][,num-queues=N][,bootindex=N]; repeat for more disks")
+    hw.add_argument("--no-ioeventfd", action="store_true",
+                    help="virtio notifications exit to pyhv instead of being handled by KVM (for comparison)")
+    hw.add_argument("--no-msix", action="store_true", help="PCI devices offer no MSI-X: interrupts are INTx only")
     hw.add_argument("--nic", action="append", default=[], metavar="tap,ifname=NAME[,mac=MAC]",
                     help="a virtio network interface on an existing tap device")
     hw.add_argument("--name", default="pyhv", help="the VM's name (default: pyhv)")
@@ -90,6 +96,9 @@ def _add_run_options(p: argparse.ArgumentParser) -> None:
                            help="do not count exits (measures what accounting costs)")
     behaviour.add_argument("--dump-mtree", action="store_true",
                            help="print the memory and I/O region trees (like QEMU's 'info mtree') and exit")
+    behaviour.add_argument("--dump-pci", action="store_true",
+                           help="list the PCI devices (like lspci, with the BARs the firmware assigned) when the "
+                                "VM ends")
     behaviour.add_argument("--log-post", action="store_true", help="log each POST code written to port 0x80")
     behaviour.add_argument("--profile-guest", metavar="HZ", type=float, nargs="?", const=100.0,
                            help="sample the vCPUs' instruction pointers (default 100 Hz) and print the guest "
@@ -126,6 +135,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_common(info)
     from pyhv import lifecycle
     lifecycle.add_parsers(sub, _add_common)
+    from pyhv.vhost import cli as vhost_cli
+    _add_common(vhost_cli.add_parser(sub))
     return parser
 
 
@@ -143,6 +154,7 @@ def config_from_args(args: argparse.Namespace) -> "VmConfig":
         pvm_workarounds=not args.no_pvm_workarounds, pvm_syscall_fix=args.pvm_syscall_fix,
         emulation_fallbacks=not args.no_emulation_fallbacks, name=args.name, uuid=args.uuid,
         drives=[DriveConfig.parse(d) for d in args.drive], nets=[NetConfig.parse(n) for n in args.nic],
+        ioeventfd=not args.no_ioeventfd, msix=not args.no_msix,
     )
     return apply_file(config, args).validate()
 
@@ -170,12 +182,14 @@ def cmd_run(args: argparse.Namespace) -> int:
         status = machine.run()
         if profiler is not None:
             print(profiler.report(), file=sys.stderr)
+        if args.dump_pci:
+            print(machine.dump_pci())
         if args.stats:
             print(machine.stats_report(), file=sys.stderr)
         if args.stats_json:
             data = machine.exit_stats().as_dict(machine.port_owner)
             data.update(kvm_flavour=machine.flavour.value, exit_status=status, exit_reason=machine.exit_reason,
-                        first_kvm_run_monotonic=machine.first_run_monotonic,
+                        first_kvm_run_monotonic=machine.first_run_monotonic, kvm=machine.kvm_stats(),
                         unassigned={"port_reads": machine.io.unassigned_reads,
                                     "port_writes": machine.io.unassigned_writes,
                                     "mmio_reads": machine.memory.unassigned_reads,
@@ -229,7 +243,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     args.argv = list(sys.argv[1:] if argv is None else argv)
     _setup_logging(args)
     try:
-        handler = {"run": cmd_run, "info": cmd_info}.get(args.command) or args.handler
+        from pyhv.vhost.cli import cmd_vhost_user_backend
+        handler = {"run": cmd_run, "info": cmd_info,
+                   "vhost-user-backend": cmd_vhost_user_backend}.get(args.command) or args.handler
         return handler(args)
     except PyhvError as e:
         print(f"pyhv: error: {e}", file=sys.stderr)

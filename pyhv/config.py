@@ -40,6 +40,13 @@ def format_size(n: int) -> str:
     return str(n)
 
 
+def _int_option(flag: str, text: str, key: str, value: str) -> int:
+    try:
+        return int(value, 0)
+    except ValueError:
+        raise ConfigError(f"{flag} {text!r}: {key.replace('_', '-')}={value} is not a number") from None
+
+
 @dataclass
 class DriveConfig:
     file: str
@@ -48,6 +55,37 @@ class DriveConfig:
     serial: str | None = None
     num_queues: int = 1
     format: str = "raw"
+    bootindex: int | None = None    # firmware boot order (fw_cfg `bootorder`); lower boots first
+
+    @classmethod
+    def parse(cls, text: str) -> "DriveConfig":
+        """`file=PATH[,readonly=on][,cache=none|writeback][,serial=ID][,num-queues=N][,bootindex=N]`; a bare
+        PATH is `file=PATH`."""
+        fields_: dict = {}
+        for i, part in enumerate(text.split(",")):
+            key, eq, value = part.partition("=")
+            if not eq:
+                if i == 0:
+                    key, value = "file", part
+                else:
+                    raise ConfigError(f"--drive {text!r}: {part!r} is not KEY=VALUE")
+            key = key.strip().replace("-", "_")
+            if key == "file":
+                fields_["file"] = value
+            elif key == "readonly":
+                if value not in ("on", "off", "true", "false", "1", "0", "yes", "no"):
+                    raise ConfigError(f"--drive {text!r}: readonly={value} is not on or off")
+                fields_["readonly"] = value in ("on", "true", "1", "yes")
+            elif key in ("cache", "serial", "format"):
+                fields_[key] = value
+            elif key in ("num_queues", "bootindex"):
+                fields_[key] = _int_option("--drive", text, key, value)
+            else:
+                raise ConfigError(f"--drive {text!r}: unknown option {key.replace('_', '-')!r}",
+                                  "use file, readonly, cache, serial, num-queues, bootindex, format")
+        if not fields_.get("file"):
+            raise ConfigError(f"--drive {text!r}: no file", "write --drive file=PATH")
+        return cls(**fields_)
 
     def validate(self) -> None:
         if self.cache not in ("writeback", "none"):
@@ -62,22 +100,6 @@ class DriveConfig:
         if not os.path.exists(self.file):
             raise ConfigError(f"drive {self.file}: no such file")
 
-    @classmethod
-    def parse(cls, text: str) -> "DriveConfig":
-        """`--drive file=PATH[,readonly=on][,cache=none][,serial=S][,num-queues=N][,format=raw]`."""
-        opts = _parse_options(text, "--drive", {"file", "readonly", "cache", "serial", "num-queues", "format"})
-        if "file" not in opts:
-            raise ConfigError(f"--drive {text!r}: file= is missing", "write --drive file=PATH")
-        drive = cls(opts["file"])
-        if "readonly" in opts:
-            drive.readonly = _parse_bool(opts["readonly"], f"--drive {text!r}: readonly")
-        drive.cache = opts.get("cache", drive.cache)
-        drive.serial = opts.get("serial", drive.serial)
-        drive.format = opts.get("format", drive.format)
-        if "num-queues" in opts:
-            drive.num_queues = _parse_int(opts["num-queues"], f"--drive {text!r}: num-queues")
-        return drive
-
     def to_arg(self) -> str:
         parts = [f"file={self.file}"]
         if self.readonly:
@@ -90,6 +112,8 @@ class DriveConfig:
             parts.append(f"num-queues={self.num_queues}")
         if self.format != "raw":
             parts.append(f"format={self.format}")
+        if self.bootindex is not None:
+            parts.append(f"bootindex={self.bootindex}")
         return ",".join(parts)
 
 
@@ -144,19 +168,64 @@ def _parse_options(text: str, option: str, known: set[str]) -> dict[str, str]:
     return opts
 
 
-def _parse_bool(text: str, what: str) -> bool:
-    if text in ("on", "yes", "true", "1"):
-        return True
-    if text in ("off", "no", "false", "0"):
-        return False
-    raise ConfigError(f"{what}={text!r} is not on or off")
+VHOST_USER_DEVICES = {"vhost-user-blk-pci": 2, "vhost-user-net-pci": 1, "vhost-user-rng-pci": 4,
+                      "vhost-user-pci": None}
+VIRTIO_TYPES = {"net": 1, "blk": 2, "console": 3, "rng": 4}
 
 
-def _parse_int(text: str, what: str) -> int:
-    try:
-        return int(text, 0)
-    except ValueError:
-        raise ConfigError(f"{what}={text!r} is not a number") from None
+@dataclass
+class VhostUserConfig:
+    """`--device vhost-user-blk-pci,socket=PATH[,num-queues=N][,queue-size=N][,bootindex=N]` (also
+    vhost-user-net-pci with mac=, vhost-user-rng-pci, and the generic vhost-user-pci,type=blk|net|rng|ID): a
+    virtio-pci device whose data plane is an external vhost-user back end."""
+    kind: str
+    socket: str
+    device_id: int
+    num_queues: int | None = None
+    queue_size: int = 256
+    bootindex: int | None = None
+    mac: str | None = None
+
+    @classmethod
+    def parse(cls, text: str) -> "VhostUserConfig":
+        kind, *parts = text.split(",")
+        if kind not in VHOST_USER_DEVICES:
+            raise ConfigError(f"unknown device {kind!r}", f"vhost-user devices: {', '.join(VHOST_USER_DEVICES)}")
+        opts: dict = {"kind": kind, "device_id": VHOST_USER_DEVICES[kind]}
+        for part in parts:
+            key, eq, value = part.partition("=")
+            key = key.strip().replace("-", "_")
+            if not eq:
+                raise ConfigError(f"--device {text!r}: {part!r} is not KEY=VALUE")
+            if key in ("socket", "mac"):
+                opts[key] = value
+            elif key == "type" and kind == "vhost-user-pci":
+                try:
+                    opts["device_id"] = VIRTIO_TYPES[value] if value in VIRTIO_TYPES else int(value, 0)
+                except ValueError:
+                    raise ConfigError(f"--device {text!r}: type={value} is not blk, net, rng or a number") from None
+            elif key in ("num_queues", "queue_size", "bootindex"):
+                opts[key] = _int_option("--device", text, key, value)
+            else:
+                raise ConfigError(f"--device {text!r}: unknown option {key.replace('_', '-')!r}",
+                                  "use socket, num-queues, queue-size, bootindex, mac, type (vhost-user-pci)")
+        if not opts.get("socket"):
+            raise ConfigError(f"--device {text!r}: no socket", f"write --device {kind},socket=PATH")
+        if opts["device_id"] is None:
+            raise ConfigError(f"--device {text!r}: no type", "write type=blk, net, rng or a virtio device ID")
+        config = cls(**opts)
+        config.validate()
+        return config
+
+    def validate(self) -> None:
+        if not 1 <= self.device_id <= 63:
+            raise ConfigError(f"{self.kind}: virtio device type {self.device_id} is not within 1-63")
+        if self.num_queues is not None and not 1 <= self.num_queues <= 64:
+            raise ConfigError(f"{self.kind}: num-queues={self.num_queues} is not within 1-64")
+        if self.queue_size < 2 or self.queue_size > 32768 or self.queue_size & (self.queue_size - 1):
+            raise ConfigError(f"{self.kind}: queue-size={self.queue_size} is not a power of 2 up to 32768")
+        if not os.path.exists(self.socket):
+            raise ConfigError(f"{self.kind}: no socket at {self.socket}", "start the vhost-user back end first")
 
 
 @dataclass
@@ -184,6 +253,8 @@ class VmConfig:
     pvm_workarounds: bool = True    # on PVM hosts: kernel options and CPUID that avoid the emulator's gaps
     emulation_fallbacks: bool = True   # complete int3/fwait/clac/stac/popcnt/ldmxcsr when KVM's emulator fails
     pvm_syscall_fix: str = "auto"   # auto (on PVM hosts) | on | off
+    ioeventfd: bool = True          # virtio notifications handled in the kernel (False: they exit to pyhv)
+    msix: bool = True               # PCI devices offer MSI-X (False: INTx only)
 
     def validate(self) -> "VmConfig":
         if self.machine not in MACHINES:
@@ -205,8 +276,16 @@ class VmConfig:
         if self.on_reset not in ON_RESET:
             raise ConfigError(f"--on-reset {self.on_reset!r}: choose exit or restart")
         for device in self.devices:
-            if device not in DEVICES:
-                raise ConfigError(f"unknown device {device!r}", f"known devices: {', '.join(DEVICES)}")
+            if device.startswith("vhost-user"):
+                VhostUserConfig.parse(device)
+                if self.machine != "pc":
+                    raise ConfigError(f"{device.split(',')[0]} needs --machine pc")
+                if self.memory_backend != "memfd":
+                    raise ConfigError(f"{device.split(',')[0]}: the back end needs shared guest memory",
+                                      "add --memory-backend memfd")
+            elif device not in DEVICES:
+                raise ConfigError(f"unknown device {device!r}",
+                                  f"known devices: {', '.join(DEVICES + tuple(VHOST_USER_DEVICES))}")
         if self.firmware is not None:
             check_firmware(self.firmware)
         for path, what in ((self.kernel, "kernel"), (self.initrd, "initrd")):
@@ -225,7 +304,12 @@ class VmConfig:
             net.validate()
         if self.uuid is not None:
             self.uuid = _check_uuid(self.uuid)
+        if self.drives and self.machine != "pc":
+            raise ConfigError("--drive needs --machine pc", "virtio disks are PCI devices of the pc machine")
         return self
+
+    def vhost_user_devices(self) -> list[VhostUserConfig]:
+        return [VhostUserConfig.parse(d) for d in self.devices if d.startswith("vhost-user")]
 
     def to_dict(self) -> dict:
         d = asdict(self)

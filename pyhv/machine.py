@@ -30,6 +30,7 @@ from pyhv.chardev import Chardev, open_chardev
 from pyhv.config import VmConfig
 from pyhv.devices.cmos_rtc import CmosRtc
 from pyhv.devices.debug_exit import DebugExit
+from pyhv.coalesced_io import DRAIN_INTERVAL, CoalescedIo
 from pyhv.devices.debugcon import DebugCon
 from pyhv.devices.i8042 import I8042
 from pyhv.devices.irq import CallbackIrqLine
@@ -40,7 +41,7 @@ from pyhv.errors import ConfigError, GuestImageError
 from pyhv.iothread import IoThread
 from pyhv.kvm import Kvm
 from pyhv.kvm import constants as C
-from pyhv.memory import AddressSpace, GuestMemory, MemoryRegion, RamBlock
+from pyhv.memory import AddressSpace, GuestMemory, MemoryRegion, RamBlock, memory_transaction
 from pyhv.memory.kvm_slots import KvmMemslots
 from pyhv.stats import ExitStats
 from pyhv.vcpu import VcpuThread, install_kick_handler
@@ -54,6 +55,7 @@ IDENTITY_MAP_ADDR = 0xFEFFC000       # as QEMU: one page, then the 3-page TSS
 TSS_ADDR = 0xFEFFD000
 
 DEFAULT_CMDLINE = "console=ttyS0 reboot=k panic=-1"
+DEBUGCON_PORT = 0x402
 EXIT_GUEST_CRASHED = 3               # internal error, failed entry, triple fault
 
 
@@ -80,24 +82,13 @@ class Machine:
         self.vm.create_irqchip()
         self.vm.create_pit2(speaker_dummy=True)   # KVM then also serves port 0x61 (PIT channel 2 gate/output)
 
-        self._build_memory()
-        self._build_isa_devices()
-        self.boot_rom: MemoryRegion | None = None
-        self.linux: LinuxBoot | None = None
         self._vcpu0 = self.vm.create_vcpu(0)
         try:
             tsc_khz = self._vcpu0.get_tsc_khz()
         except OSError:
             tsc_khz = None
-        if config.firmware:
-            with open(config.firmware, "rb") as f:
-                self.boot_rom = map_firmware(self.system_memory, f.read())
-        elif config.kernel:
-            self.linux = LinuxBoot.prepare(config.kernel, config.initrd, self._kernel_cmdline(tsc_khz), self.below_4g,
-                                           self.above_4g, config.cpus, config.boot_entry)
-            log.info("booting %s", self.linux.describe())
-        else:
-            raise ConfigError("nothing to boot", "give --kernel FILE or --firmware FILE")
+        with memory_transaction():           # one flat view and one set of memslots for the whole board
+            self._build_board(tsc_khz)
 
         supported = self.kvm.supported_cpuid()
         self.cpu_model = config.cpu_model if config.cpu_model != "auto" else (
@@ -116,6 +107,11 @@ class Machine:
         fix = config.pvm_syscall_fix
         self.syscall_repair = SyscallRepair(self.guest_memory.read) if self.linux is not None and (
             fix == "on" or (fix == "auto" and self.flavour.is_pvm)) else None
+        self.coalesced = CoalescedIo.create(self.kvm, self.vm, self.vcpus[0].vcpu.run_map, self.io, self.memory)
+        if self.coalesced is not None:
+            self.coalesced.add(DEBUGCON_PORT, DebugCon.SIZE)     # SeaBIOS's log: no exit per byte
+            for v in self.vcpus:
+                v.pre_exit = self.coalesced.drain
         self._initial_lapics = [v.vcpu.get_lapic() for v in self.vcpus]
         self._initial_irqchips = [self.vm.get_irqchip(chip) for chip in range(3)]
         self._boot_state()
@@ -143,6 +139,28 @@ class Machine:
                 v.vcpu.set_mp_state(C.KVM_MP_STATE_RUNNABLE if v.id == 0 else C.KVM_MP_STATE_UNINITIALIZED)
 
     # --- construction ------------------------------------------------------------------------------------
+    def _build_board(self, tsc_khz: int | None) -> None:
+        """Memory map, ISA devices, firmware ROM or kernel and, for `pc`, the PCI board (inside one memory
+        transaction)."""
+        config = self.config
+        self._build_memory()
+        self._build_isa_devices()
+        self.boot_rom: MemoryRegion | None = None
+        self.linux: LinuxBoot | None = None
+        if config.firmware:
+            with open(config.firmware, "rb") as f:
+                self.boot_rom = map_firmware(self.system_memory, f.read())
+        elif config.kernel:
+            self.linux = LinuxBoot.prepare(config.kernel, config.initrd, self._kernel_cmdline(tsc_khz),
+                                           self.below_4g, self.above_4g, config.cpus, config.boot_entry)
+            log.info("booting %s", self.linux.describe())
+        else:
+            raise ConfigError("nothing to boot", "give --kernel FILE or --firmware FILE")
+        self.board = None
+        if config.machine == "pc":
+            from pyhv.pc_board import PcBoard
+            self.board = PcBoard(self)
+
     def _build_memory(self) -> None:
         cfg = self.config
         self.system_memory = MemoryRegion.container("system", 1 << 64)
@@ -210,7 +228,7 @@ class Machine:
         self.map_port(0x80, post.SIZE, "post", post.read, post.write)
         debugcon_out = self._open_chardev(cfg.debugcon)
         debugcon = DebugCon("debugcon", debugcon_out.write)
-        self.map_port(0x402, debugcon.SIZE, "debugcon", debugcon.read, debugcon.write)
+        self.map_port(DEBUGCON_PORT, debugcon.SIZE, "debugcon", debugcon.read, debugcon.write)
         debug_exit = DebugExit("debug-exit", on_exit=self._debug_exit)
         self.map_port(0xF4, debug_exit.SIZE, "debug-exit", debug_exit.read, debug_exit.write)
         self.devices.update({"serial0": uart, "i8042": i8042, "rtc": rtc, "post": post, "debugcon": debugcon,
@@ -350,6 +368,8 @@ class Machine:
             if self.state != "created":
                 raise RuntimeError(f"machine already {self.state}")
             self.iothread.start()
+            if self.coalesced is not None:
+                self._schedule_drain()
             self.state = "running"
             for v in self.vcpus:
                 v.start()
@@ -394,11 +414,21 @@ class Machine:
         self._emit("SHUTDOWN", guest=True, reason=reason)
         self._done.set()
 
+    def _schedule_drain(self) -> None:
+        """Coalesced writes also reach their device when the guest stops exiting (e.g. it halts)."""
+        def tick() -> None:
+            self.coalesced.drain()
+            if self.state != "shutdown":
+                self.iothread.call_later(DRAIN_INTERVAL, tick)
+        self.iothread.call_later(DRAIN_INTERVAL, tick)
+
     def _teardown(self) -> None:
         for v in self.vcpus:
             v.request_stop()
         for v in self.vcpus:
             v.join(timeout=5)
+        if self.coalesced is not None:
+            self.coalesced.drain()
         self.iothread.stop()
         for chardev in self.chardevs:
             chardev.close()
@@ -459,6 +489,23 @@ class Machine:
     def exit_stats(self) -> ExitStats:
         return ExitStats.merge([v.stats for v in self.vcpus])
 
+    KVM_STATS = ("exits", "io_exits", "mmio_exits", "halt_exits", "irq_window_exits", "signal_exits",
+                 "insn_emulation")
+
+    def kvm_stats(self) -> dict[str, int]:
+        """KVM's own per-vCPU counters, summed (the ones QEMU's query-stats shows too); {} if unavailable."""
+        from pyhv.kvm.binary_stats import read_stats
+        total: dict[str, int] = {}
+        for v in self.vcpus:
+            try:
+                stats = read_stats(v.vcpu.fd)
+            except OSError:
+                return {}
+            for name in self.KVM_STATS:
+                if isinstance(stats.get(name), int):
+                    total[name] = total.get(name, 0) + stats[name]
+        return total
+
     def port_owner(self, port: int) -> str:
         fr = self.io.view.port_table[port]
         if fr.region is None:
@@ -476,10 +523,21 @@ class Machine:
         extra = [f"unassigned port accesses: {self.io.unassigned_reads} reads, {self.io.unassigned_writes} writes",
                  f"unassigned MMIO accesses: {self.memory.unassigned_reads} reads, "
                  f"{self.memory.unassigned_writes} writes; ROM writes dropped: {self.memory.rom_writes_dropped}"]
+        kvm = self.kvm_stats()
+        if kvm:
+            extra.append("KVM counters: " + ", ".join(f"{k} {v}" for k, v in kvm.items()))
         post = self.devices.get("post")
         if post is not None:
             extra.append(f"POST codes: {post.state.writes} writes, last {post.state.last:#04x}")
         return text + "\n  " + "\n  ".join(extra)
+
+    def query_pci(self) -> list[dict]:
+        """Every PCI function (bus/slot/function, ids, class, BARs with address and size, IRQ), as QMP's
+        query-pci would list them; [] on a machine without PCI."""
+        return self.board.bus.describe() if self.board is not None else []
+
+    def dump_pci(self) -> str:
+        return self.board.bus.dump() if self.board is not None else "(no PCI bus on this machine type)"
 
     def dump_mtree(self) -> str:
         return self.memory.dump_tree() + "\n\n" + self.io.dump_tree()
@@ -493,8 +551,12 @@ class Machine:
             for chardev in self.chardevs:
                 chardev.close()
             self.iothread.stop()
+        if self.coalesced is not None:
+            self.coalesced.close()
         for v in self.vcpus:
             v.vcpu.close()
+        if self.board is not None:
+            self.board.close()
         self.vm.close()
         self.iothread.close()
         if self._owns_kvm:

@@ -34,7 +34,8 @@ OPTION_FIELDS = {"machine": "machine", "memory": "memory", "cpus": "cpus", "memo
                  "log_post": "log_post", "no_accounting": "accounting", "name": "name", "uuid": "uuid",
                  "drive": "drives", "nic": "nets", "cpu": "cpu_model", "boot_entry": "boot_entry",
                  "no_pvm_workarounds": "pvm_workarounds", "pvm_syscall_fix": "pvm_syscall_fix",
-                 "no_emulation_fallbacks": "emulation_fallbacks"}
+                 "no_emulation_fallbacks": "emulation_fallbacks", "no_ioeventfd": "ioeventfd",
+                 "no_msix": "msix"}
 LIST_FIELDS = ("devices", "drives", "nets")
 
 
@@ -136,12 +137,14 @@ def config_to_args(config: VmConfig) -> list[str]:
         opt("--pvm-syscall-fix", config.pvm_syscall_fix)
     for flag, on in (("--log-post", config.log_post), ("--no-accounting", not config.accounting),
                      ("--no-pvm-workarounds", not config.pvm_workarounds),
-                     ("--no-emulation-fallbacks", not config.emulation_fallbacks)):
+                     ("--no-emulation-fallbacks", not config.emulation_fallbacks),
+                     ("--no-ioeventfd", not config.ioeventfd), ("--no-msix", not config.msix)):
         if on:
             args.append(flag)
     known = {"name", "uuid", "machine", "memory", "cpus", "memory_backend", "firmware", "kernel", "initrd",
              "append", "drives", "nets", "devices", "serial", "debugcon", "on_reset", "log_post", "accounting",
-             "cpu_model", "boot_entry", "pvm_workarounds", "pvm_syscall_fix", "emulation_fallbacks"}
+             "cpu_model", "boot_entry", "pvm_workarounds", "pvm_syscall_fix", "emulation_fallbacks",
+             "ioeventfd", "msix"}
     missed = {f.name for f in fields(VmConfig)} - known
     if missed:                          # a field added to VmConfig without a command-line form here
         raise ConfigError(f"cannot express config fields {', '.join(sorted(missed))} as pyhv run options")

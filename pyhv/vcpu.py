@@ -58,6 +58,7 @@ class VcpuThread:
         self.memory = memory
         self.exit_handlers = exit_handlers
         self.accounting = accounting
+        self.pre_exit: Callable[[], None] | None = None   # runs before each exit is handled (coalesced I/O)
         self.stats = ExitStats()
         self.on_first_run = on_first_run
         self.thread: threading.Thread | None = None
@@ -192,6 +193,7 @@ class VcpuThread:
         mmio_data = _MMIO_DATA
         mmio_view = mmio_range = None                          # one-entry cache of the last MMIO range
         mmio_start = mmio_end = 0
+        pre_exit = self.pre_exit
         if self.on_first_run is not None:
             self.on_first_run()
         t_done = clock()
@@ -201,6 +203,8 @@ class VcpuThread:
                 t_exit = clock()
                 run_cell[0] += 1
                 run_cell[1] += t_exit - t_done
+            if pre_exit is not None:
+                pre_exit()
             if ret < 0:
                 err = get_errno()
                 if err != errno.EINTR and err != errno.EAGAIN:

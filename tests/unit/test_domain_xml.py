@@ -293,8 +293,8 @@ def test_cli_reports_a_bad_domain_in_one_line(tmp_path):
 
 @pytest.mark.parametrize("text,message", [
     ("file=/nonexistent.img", "no such file"),
-    ("readonly=on", "file= is missing"),
-    ("file=x,speed=9", "unknown option 'speed=9'"),
+    ("readonly=on", "no file"),
+    ("file=x,speed=9", "unknown option 'speed'"),
 ])
 def test_bad_drive_option(text, message):
     with pytest.raises(ConfigError, match=message):
