@@ -15,6 +15,7 @@ import logging
 import uuid as uuid_mod
 from typing import TYPE_CHECKING
 
+from pyhv.arch.x86.smbios import smbios_tables
 from pyhv.devices.fw_cfg import (
     E820_RAM, E820_RESERVED, FW_CFG_BOOT_MENU, FW_CFG_CTL_SIZE, FW_CFG_DMA_SIZE, FW_CFG_MAX_CPUS, FW_CFG_NB_CPUS,
     FW_CFG_NOGRAPHIC, FW_CFG_PORT_DMA, FW_CFG_PORT_SEL, FW_CFG_RAM_SIZE, FW_CFG_UUID, FwCfg, e820_table,
@@ -152,6 +153,11 @@ class PcBoard:
             entries.append((FOUR_GIB, m.above_4g, E820_RAM))
         entries.append((KVM_RESERVED_START, KVM_RESERVED_SIZE, E820_RESERVED))
         fw.add_file("etc/e820", e820_table(entries))
+        leaf1 = next(((e.eax, e.edx) for e in m.kvm.supported_cpuid() if e.function == 1), (0, 0))
+        ram = [(a, n) for a, n, t in entries if t == E820_RAM]
+        anchor, tables = smbios_tables(ram, cfg.cpus, cfg.uuid, leaf1)
+        fw.add_file("etc/smbios/smbios-anchor", anchor)
+        fw.add_file("etc/smbios/smbios-tables", tables)
         self._write_bootorder()
 
     # --- helpers ------------------------------------------------------------------------------------------------

@@ -19,7 +19,7 @@ from __future__ import annotations
 import logging
 import struct
 import threading
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable
 
 from pyhv.memory import GuestMemory, GuestMemoryError

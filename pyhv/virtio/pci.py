@@ -31,7 +31,8 @@ from pyhv.devices.pci.msix import MsiRoute, MsixCapability
 from pyhv.devices.registers import Register, RegisterBank
 from pyhv.memory import MemoryRegion
 from pyhv.virtio.device import (
-    VIRTIO_CONFIG_S_DRIVER_OK, VIRTIO_CONFIG_S_FEATURES_OK, VIRTIO_CONFIG_S_NEEDS_RESET, VIRTIO_F_VERSION_1,
+    VIRTIO_CONFIG_S_DRIVER_OK, VIRTIO_CONFIG_S_FEATURES_OK, VIRTIO_CONFIG_S_NEEDS_RESET, VIRTIO_F_EVENT_IDX,
+    VIRTIO_F_INDIRECT_DESC, VIRTIO_F_VERSION_1,
     VIRTIO_ID_BLOCK, VIRTIO_ID_NET, VirtioDevice,
 )
 from pyhv.virtio.queue import VirtQueue, VirtQueueError
@@ -100,10 +101,6 @@ class VirtioPciState:
     notifies: list[int] = field(default_factory=list)        # per queue, notifications that reached Python
     interrupts_msix: int = 0
     interrupts_intx: int = 0
-
-
-def _queue_field(name: str, width: int = 2) -> tuple[str, str]:
-    return f"_read_q_{name}", f"_write_q_{name}"
 
 
 class VirtioPciDevice(PciDevice):
@@ -337,8 +334,8 @@ class VirtioPciDevice(PciDevice):
         try:
             for i, q in enumerate(self.vstate.queues):
                 queues.append(VirtQueue(i, q.size, self.memory, q.desc, q.driver, q.device,
-                                        event_idx=bool(self.vstate.driver_features >> 29 & 1),
-                                        indirect=bool(self.vstate.driver_features >> 28 & 1))
+                                        event_idx=bool(self.vstate.driver_features >> VIRTIO_F_EVENT_IDX & 1),
+                                        indirect=bool(self.vstate.driver_features >> VIRTIO_F_INDIRECT_DESC & 1))
                               if q.enable else None)
         except VirtQueueError as e:
             self.backend.warn_once("activate", "cannot activate: %s", e)

@@ -58,8 +58,11 @@ done:
 2:  hlt
     jmp 2b
 
-/* print the NUL-terminated string at DS:SI on the debug console */
+/* print the NUL-terminated string at DS:SI on the debug console, with interrupts off so that a BIOS interrupt
+ * handler's own log lines cannot land in the middle of it */
 puts:
+    pushf
+    cli
     push %ax
     push %dx
     mov $DEBUGCON, %dx
@@ -70,6 +73,7 @@ puts:
     jmp 3b
 4:  pop %dx
     pop %ax
+    popf
     ret
 
 msg_start: .asciz "bootsector: reading\n"

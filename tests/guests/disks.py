@@ -9,9 +9,7 @@ sum the boot sector checks after reading it through int 13h; exit status 33 ((0x
 from __future__ import annotations
 
 import hashlib
-import os
 import random
-import shutil
 import subprocess
 import sys
 import tempfile
