@@ -92,6 +92,8 @@ def build_parser() -> argparse.ArgumentParser:
     info = sub.add_parser("info", help="what this host's KVM offers (flavour, API, capabilities)")
     info.add_argument("--json", action="store_true", help="machine-readable output")
     _add_common(info)
+    from pyhv.assets.cli import add_parser as add_guest_parser
+    add_guest_parser(sub)
     return parser
 
 
@@ -170,7 +172,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_USAGE
     _setup_logging(args)
     try:
-        return {"run": cmd_run, "info": cmd_info}[args.command](args)
+        from pyhv.assets.cli import cmd_guest
+        return {"run": cmd_run, "info": cmd_info, "guest": cmd_guest}[args.command](args)
     except PyhvError as e:
         print(f"pyhv: error: {e}", file=sys.stderr)
         return e.exit_code
