@@ -125,7 +125,12 @@ def cmd_run(args: argparse.Namespace) -> int:
         if args.stats_json:
             data = machine.exit_stats().as_dict(machine.port_owner)
             data.update(kvm_flavour=machine.flavour.value, exit_status=status, exit_reason=machine.exit_reason,
-                        first_kvm_run_monotonic=machine.first_run_monotonic)
+                        first_kvm_run_monotonic=machine.first_run_monotonic,
+                        unassigned={"port_reads": machine.io.unassigned_reads,
+                                    "port_writes": machine.io.unassigned_writes,
+                                    "mmio_reads": machine.memory.unassigned_reads,
+                                    "mmio_writes": machine.memory.unassigned_writes},
+                        rom_writes_dropped=machine.memory.rom_writes_dropped)
             with open(args.stats_json, "w") as f:
                 json.dump(data, f, indent=1)
         return status

@@ -243,8 +243,12 @@ class Machine:
                 text += "\n" + self.cpu_state(vcpu)
             except OSError as e:
                 text += f"\n(registers unavailable: {e})"
-        print(text, file=sys.stderr, flush=True)
-        self.shutdown(EXIT_GUEST_CRASHED, message.splitlines()[0])
+        try:
+            print(text, file=sys.stderr, flush=True)
+        except OSError:
+            pass               # stderr closed (a pipe whose reader left): the VM must still end
+        finally:
+            self.shutdown(EXIT_GUEST_CRASHED, message.splitlines()[0])
         return False
 
     # --- lifecycle -----------------------------------------------------------------------------------------
@@ -275,13 +279,21 @@ class Machine:
         return self.exit_status
 
     def run(self) -> int:
+        """start() and wait(); SIGINT and SIGTERM (in the main thread) end the VM cleanly with 130 / 143."""
+        import signal
+        previous = None
+        if threading.current_thread() is threading.main_thread():
+            previous = signal.signal(signal.SIGTERM, lambda signum, frame: self.shutdown(143, "terminated"))
         self.start()
         try:
-            status = self.wait()
-        except KeyboardInterrupt:
-            self.shutdown(130, "interrupted")
-            status = self.wait()
-        return status
+            while True:
+                try:
+                    return self.wait()
+                except KeyboardInterrupt:
+                    self.shutdown(130, "interrupted")
+        finally:
+            if previous is not None:
+                signal.signal(signal.SIGTERM, previous)
 
     def shutdown(self, status: int, reason: str = "") -> None:
         """End the VM with `status` (the first caller's status wins). Safe from any thread, vCPUs included."""
