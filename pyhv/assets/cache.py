@@ -8,7 +8,7 @@ Layout (below the cache root):
     kernel/FLAVOUR-KEY/        bzImage and vmlinux, KEY a hash of their inputs
     initramfs/KEY.cpio.gz      initramfs images, KEY a hash of their inputs
     guest-FLAVOUR.json         the manifest of the last `pyhv guest build` of that flavour
-    locks/                     flock files: builds by concurrent processes (several test runs) wait in turn
+    locks/                     flock files: concurrent builds of one flavour (several test runs) take turns
 """
 from __future__ import annotations
 
@@ -74,8 +74,15 @@ def write_atomic(path: Path, data: bytes) -> None:
     tmp.replace(path)
 
 
-def replace_dir(tmp: Path, final: Path) -> None:
-    """Moves a fully written directory into place (an existing one is removed first)."""
-    if final.exists():
+def move_dir_into_place(tmp: Path, final: Path, replace: bool = False) -> None:
+    """Moves a fully written directory to `final`. If `final` already exists (another process made the same thing
+    meanwhile) it is kept and `tmp` removed, unless `replace`. The directory is made readable to all."""
+    os.chmod(tmp, 0o755)
+    if replace and final.exists():
         shutil.rmtree(final)
-    tmp.rename(final)
+    try:
+        tmp.rename(final)
+    except OSError:
+        if not final.is_dir():
+            raise
+        shutil.rmtree(tmp, ignore_errors=True)

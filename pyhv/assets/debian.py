@@ -13,7 +13,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from pyhv.assets.cache import cache_subdir, file_sha256, replace_dir
+from pyhv.assets.cache import cache_subdir, file_sha256, move_dir_into_place
 from pyhv.assets.errors import GuestAssetError
 from pyhv.assets.progress import Progress
 
@@ -137,7 +137,7 @@ def unpack(package: DebPackage, progress: Progress) -> Path:
         proc = _run(["dpkg-deb", "-x", str(deb), str(tmp)])
         if proc.returncode != 0:
             raise GuestAssetError(f"dpkg-deb -x {deb.name} failed: {proc.stderr.strip()}")
-        replace_dir(tmp, final)
+        move_dir_into_place(tmp, final)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -111,14 +111,14 @@ def _build(flavour: str, added: list[AddedFile], force: bool, progress: Progress
 
 def build_guest(flavour: str | None = None, add: Iterable[str | AddedFile] = (), force: bool = False,
                 progress: Progress | None = None) -> GuestAssets:
-    """Builds (or finds in the cache) a guest kernel and initramfs. Concurrent callers (several test runs on one
-    machine) take turns through a lock in the cache."""
+    """Builds (or finds in the cache) a guest kernel and initramfs. Concurrent builds of one flavour (several test
+    runs on one machine) take turns through a lock in the cache; what flavours share is written atomically."""
     flavour = flavour or default_flavour()
     if flavour not in FLAVOURS:
         raise GuestAssetError(f"unknown kernel flavour {flavour!r}", f"use one of {', '.join(FLAVOURS)}")
     progress = progress or Progress()
     added = [a if isinstance(a, AddedFile) else AddedFile.parse(a) for a in add]
-    with locked("guest-build", on_wait=lambda: progress.step("waiting for another pyhv guest build to finish")):
+    with locked(f"guest-{flavour}", on_wait=lambda: progress.step(f"waiting for another {flavour} guest build")):
         try:
             return _build(flavour, added, force, progress)
         except DownloadError:

@@ -9,7 +9,7 @@ from pyhv.assets.protocol import AGENT_READY, DEBUG_EXIT_PORT, EXIT_STATUS_MARKE
 
 MODULE_DIR = "/lib/modules"
 
-# Sets PYHV_CMD, PYHV_CMD64, PYHV_AGENT and PYHV_MMIO_ARGS from a kernel command line ($1).
+# Sets PYHV_CMD (decoded from pyhv.cmd or pyhv.cmd64), PYHV_AGENT and PYHV_MMIO_ARGS from a kernel command line ($1).
 CMDLINE_FUNCTIONS = r"""
 pyhv_parse_cmdline() {
     PYHV_CMD= PYHV_CMD64= PYHV_AGENT= PYHV_MMIO_ARGS=
@@ -31,6 +31,10 @@ pyhv_parse_cmdline() {
         esac
     done
     set +f
+    if [ -n "$PYHV_CMD64" ]; then
+        PYHV_CMD=$(printf '%s' "$PYHV_CMD64" | base64 -d; echo .)
+        PYHV_CMD=${PYHV_CMD%.}
+    fi
 }
 """
 
@@ -76,9 +80,6 @@ done
 read -r PYHV_UPTIME _ < /proc/uptime
 echo "{INIT_MARKER} uptime=$PYHV_UPTIME"
 
-if [ -n "$PYHV_CMD64" ]; then
-    PYHV_CMD=$(printf '%s' "$PYHV_CMD64" | base64 -d)
-fi
 if [ -n "$PYHV_CMD" ]; then
     sh -c "$PYHV_CMD"
     s=$?

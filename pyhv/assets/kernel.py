@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from pyhv.assets import debian, elf
-from pyhv.assets.cache import cache_subdir, digest, replace_dir, write_atomic
+from pyhv.assets.cache import cache_subdir, digest, move_dir_into_place, write_atomic
 from pyhv.assets.errors import GuestAssetError
 from pyhv.assets.progress import Progress
 
@@ -96,7 +96,7 @@ def stock_kernel(progress: Progress, force: bool = False) -> Kernel:
         tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=".stock."))
         try:
             _copy_into(tmp, images[0], extract_vmlinux(images[0].read_bytes()))
-            replace_dir(tmp, out)
+            move_dir_into_place(tmp, out, replace=force)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
@@ -163,7 +163,7 @@ def source_tree(package: debian.DebPackage, progress: Progress) -> Path:
                               text=True)
         if proc.returncode != 0 or not (tmp / "Makefile").exists():
             raise GuestAssetError(f"unpacking {deb.name} failed: {proc.stderr.strip()[-300:]}")
-        replace_dir(tmp, final)
+        move_dir_into_place(tmp, final)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -241,7 +241,7 @@ def mini_kernel(progress: Progress, force: bool = False, jobs: int | None = None
         _copy_into(tmp, build / "arch/x86/boot/bzImage", vmlinux)
         shutil.copyfile(build / ".config", tmp / "config")
         write_atomic(tmp / "release", release.encode() + b"\n")
-        replace_dir(tmp, out)
+        move_dir_into_place(tmp, out, replace=force)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

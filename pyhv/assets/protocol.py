@@ -52,7 +52,7 @@ def encode_command(command: str) -> str:
         raise ValueError("empty command")
     if _PLAIN_SAFE.match(command):
         return f"pyhv.cmd={command}"
-    if '"' not in command and command.isprintable():
+    if '"' not in command and command.isascii() and command.isprintable():
         return f'pyhv.cmd="{command}"'
     return "pyhv.cmd64=" + base64.b64encode(command.encode()).decode()
 
