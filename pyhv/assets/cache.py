@@ -6,8 +6,9 @@ Layout (below the cache root):
     src/linux-source-VERSION/  the unpacked kernel source tree (for the mini kernel)
     kernel/mini-build/         the mini kernel's out-of-tree build directory (kept for incremental rebuilds)
     kernel/FLAVOUR-KEY/        bzImage and vmlinux, KEY a hash of their inputs
-    initramfs/KEY.cpio.gz      initramfs images, KEY a hash of their inputs
-    guest-FLAVOUR.json         the manifest of the last `pyhv guest build` of that flavour
+    initramfs/FLAVOUR-KEY.*    initramfs images (.cpio, .cpio.gz), KEY a hash of their inputs; .json: the
+                               manifest of a build with --add files
+    guest-FLAVOUR.json         the manifest of the last `pyhv guest build` of that flavour without --add
     locks/                     flock files: concurrent builds of one flavour (several test runs) take turns
 """
 from __future__ import annotations

@@ -34,9 +34,10 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
                        help="put a host file or directory at GUEST (absolute path) in the initramfs; repeatable")
     build.add_argument("--force", action="store_true", help="rebuild even if the cache is up to date")
     build.add_argument("--quiet", "-q", action="store_true", help="no progress on stderr")
-    path = sub.add_parser("path", help="print the artifacts of the last build as JSON")
+    path = sub.add_parser("path", help="print the artifacts of the last build (without --add) as JSON")
     path.add_argument("--kernel", choices=FLAVOURS, help="which build (default as for build)")
-    path.add_argument("--field", choices=("bzimage", "vmlinux", "initramfs", "kernel_release", "manifest"),
+    path.add_argument("--field", choices=("bzimage", "vmlinux", "initramfs", "initramfs_uncompressed",
+                                          "kernel_release", "manifest"),
                       help="print only this value")
     for p in (guest, build, path):
         p.add_argument("--log-level", default="warning", choices=("debug", "info", "warning", "error"),

@@ -22,15 +22,21 @@ log = logging.getLogger(__name__)
 APT_HINT = "check the apt sources, then run `apt-get update` as root"
 
 
+_lists_refreshed = False
+
+
 class DownloadError(GuestAssetError):
     """apt-get download failed (often a stale package list naming versions the archive no longer has)."""
 
 
 def refresh_package_lists(progress: Progress) -> bool:
-    """Runs `apt-get update` when root (true if it ran and succeeded): the retry after a DownloadError."""
-    if os.geteuid() != 0:
+    """Runs `apt-get update` once per process when root (true if it ran now and succeeded): the retry when apt
+    does not know a package or a download failed (stale or missing package lists)."""
+    global _lists_refreshed
+    if os.geteuid() != 0 or _lists_refreshed:
         return False
-    progress.step("a download failed; running apt-get update and trying again")
+    _lists_refreshed = True
+    progress.step("apt does not know a package or a download failed: running apt-get update and trying again")
     return _run(["apt-get", "update", "-qq"]).returncode == 0
 
 
@@ -74,10 +80,14 @@ def parse_control(text: str) -> dict[str, str]:
     return fields
 
 
-def resolve(name: str) -> DebPackage:
-    """apt's candidate version of a package."""
+def resolve(name: str, progress: Progress | None = None) -> DebPackage:
+    """apt's candidate version of a package (after one `apt-get update` if apt has no list naming it, as on a
+    machine whose package lists were never fetched)."""
     proc = _run(["apt-cache", "show", "--no-all-versions", name])
     fields = parse_control(proc.stdout)
+    if (proc.returncode != 0 or "Version" not in fields) and refresh_package_lists(progress or Progress()):
+        proc = _run(["apt-cache", "show", "--no-all-versions", name])
+        fields = parse_control(proc.stdout)
     if proc.returncode != 0 or "Version" not in fields:
         raise GuestAssetError(f"package {name} is not known to apt", APT_HINT)
     return DebPackage(name=fields["Package"], version=fields["Version"], architecture=fields.get("Architecture", ""),
@@ -147,5 +157,5 @@ def unpack(package: DebPackage, progress: Progress) -> Path:
 
 def fetch(name: str, progress: Progress) -> tuple[DebPackage, Path]:
     """Resolve, download and unpack a package; returns it and its unpacked root."""
-    package = resolve(name)
+    package = resolve(name, progress)
     return package, unpack(package, progress)

@@ -83,7 +83,7 @@ def _copy_into(tmp: Path, bzimage: Path, vmlinux: bytes) -> None:
 
 def stock_kernel(progress: Progress, force: bool = False) -> Kernel:
     """The kernel package linux-image-amd64 depends on: its bzImage, the vmlinux inside it, its modules."""
-    meta = debian.resolve(STOCK_METAPACKAGE)
+    meta = debian.resolve(STOCK_METAPACKAGE, progress)
     package, root = debian.fetch(debian.first_dependency(meta, "linux-image-"), progress)
     images = sorted((root / "boot").glob("vmlinuz-*"))
     if len(images) != 1:
@@ -201,7 +201,7 @@ def _make(src: Path, build: Path, targets: list[str], log_file, progress: Progre
 def mini_kernel(progress: Progress, force: bool = False, jobs: int | None = None) -> Kernel:
     """pyhv's small kernel: tinyconfig + mini-kernel.config from Debian's linux-source-6.1, built out of tree."""
     fragment_text = MINI_CONFIG.read_text()
-    package = debian.resolve(SOURCE_PACKAGE)
+    package = debian.resolve(SOURCE_PACKAGE, progress)
     inputs = {"package": package.name, "version": package.version, "config": digest(fragment_text),
               "recipe": MINI_RECIPE}
     out = cache_subdir("kernel") / f"mini-{digest(inputs)}"

@@ -118,3 +118,18 @@ def test_mini_kernel_virtio_mmio_devices_from_the_command_line(linux_guest, tmp_
     assert "virtio_mmio.device=" in console or "virtio-mmio: Registering device" in console, console
     assert command_output(console).split()[0] == first_64k, console
     assert status == debug_exit_status(0), console
+
+
+def test_added_files_reach_the_guest(linux_guest, tmp_path):
+    from pyhv.assets import build_guest
+    from pyhv.assets.progress import Progress
+
+    tool = tmp_path / "hello-tool"
+    tool.write_text("#!/bin/sh\necho \"hello from an added file: $1\"\nexit 4\n")
+    tool.chmod(0o755)
+    guest = build_guest("mini", add=[f"{tool}:/usr/local/bin/hello-tool"], progress=Progress(quiet=True))
+    assert guest.bzimage == linux_guest.bzimage and guest.initramfs != linux_guest.initramfs
+    status, console = boot(guest, "/usr/local/bin/hello-tool 'a b'")
+    assert command_output(console) == "hello from an added file: a b\n", console
+    assert status == debug_exit_status(4)
+    assert guest.manifest != linux_guest.manifest, "a build with --add must not replace the default manifest"
