@@ -80,6 +80,9 @@ done
 read -r PYHV_UPTIME _ < /proc/uptime
 echo "{INIT_MARKER} uptime=$PYHV_UPTIME"
 
+if [ -n "$PYHV_CMD" ] || [ -n "$PYHV_AGENT" ]; then
+    echo 4 > /proc/sys/kernel/printk    # only errors and worse interleave with command output
+fi
 if [ -n "$PYHV_CMD" ]; then
     sh -c "$PYHV_CMD"
     s=$?
@@ -87,7 +90,6 @@ if [ -n "$PYHV_CMD" ]; then
     exec pyhv-exit "$s"
 elif [ -n "$PYHV_AGENT" ]; then
     stty -echo 2>/dev/null
-    echo 1 > /proc/sys/kernel/printk
     echo "{AGENT_READY}"
     while IFS= read -r line; do
         [ -n "$line" ] || continue

@@ -194,8 +194,8 @@ def _make(src: Path, build: Path, targets: list[str], log_file, progress: Progre
     log_file.flush()
     if status != 0:
         raise GuestAssetError(f"kernel build failed (make {' '.join(targets)}): see {log_file.name}")
-    if progress is not None and steps:
-        (build / ".pyhv-steps").write_text(str(steps))
+    if progress is not None and steps > expected:
+        (build / ".pyhv-steps").write_text(str(steps))    # a full build's step count, for the next one
 
 
 def mini_kernel(progress: Progress, force: bool = False, jobs: int | None = None) -> Kernel:

@@ -21,8 +21,11 @@ to I/O port 0xf4 through /dev/port, which pyhv's and QEMU's debug-exit device tu
 (N << 1) | 1; without that device it resets the machine (`reboot -f`), which ends pyhv and `qemu -no-reboot` with
 status 0. Without pyhv.cmd or pyhv.agent, /init runs an interactive shell on the console and resets when it exits.
 
-Agent mode (pyhv.agent=1): /init turns off the console's echo, limits kernel console messages to emergencies,
-prints PYHV-AGENT-READY and then reads commands, one per line ("\\n"-terminated, at most 4095 bytes; empty lines are
+Before running pyhv.cmd or agent commands, /init sets the console log level to 4: kernel messages of level error
+and worse still reach the console (and may interleave with command output), routine ones (a file system mounted,
+a clock source switched) only the kernel log (`dmesg`). `ignore_loglevel` on the command line shows them all.
+
+Agent mode (pyhv.agent=1): /init turns off the console's echo, prints PYHV-AGENT-READY and then reads commands, one per line ("\\n"-terminated, at most 4095 bytes; empty lines are
 ignored). Each runs with `sh -c` and stdin from /dev/null; its stdout and stderr go to the console, followed by
 PYHV-EXIT-STATUS=N. `pyhv-exit N` as a command ends the VM. `GuestAgent` implements the host side.
 """
@@ -114,7 +117,8 @@ class GuestAgent:
         self._selector = selectors.DefaultSelector()
         self._selector.register(reader.fileno(), selectors.EVENT_READ)
 
-    def _read_until(self, pattern: re.Pattern[str], timeout: float) -> re.Match[str]:
+    def read_until(self, pattern: re.Pattern[str], timeout: float) -> re.Match[str]:
+        """Reads the console until `pattern` matches what is not consumed yet (AgentTimeout if it does not)."""
         deadline = time.monotonic() + timeout
         while True:
             m = pattern.search(self._pending)
@@ -131,7 +135,7 @@ class GuestAgent:
             self._pending += text
 
     def wait_ready(self, timeout: float = 120.0) -> None:
-        m = self._read_until(re.compile(AGENT_READY + r"\r?\n"), timeout)
+        m = self.read_until(re.compile(AGENT_READY + r"\r?\n"), timeout)
         self._pending = self._pending[m.end():]
 
     def run(self, command: str, timeout: float = 60.0) -> AgentResult:
@@ -139,7 +143,7 @@ class GuestAgent:
             raise ValueError("an agent command is one non-empty line")
         self.writer.write(command.encode() + b"\n")
         self.writer.flush()
-        m = self._read_until(re.compile(EXIT_STATUS_MARKER + r"(\d+)\r?\n"), timeout)
+        m = self.read_until(re.compile(EXIT_STATUS_MARKER + r"(\d+)\r?\n"), timeout)
         output = self._pending[:m.start()].replace("\r\n", "\n")
         self._pending = self._pending[m.end():]
         return AgentResult(int(m.group(1)), output)

@@ -4,6 +4,7 @@ stock kernel). No KVM needed; QEMU's timeout guards against a hang, nothing asse
 from __future__ import annotations
 
 import hashlib
+import re
 import shutil
 import subprocess
 
@@ -82,6 +83,25 @@ def test_mini_kernel_agent_mode(linux_guest):
         assert agent.run("cat").output == ""                 # stdin is /dev/null, not the console
         agent.exit(5)
         assert proc.wait(timeout=TIMEOUT) == debug_exit_status(5)
+    finally:
+        agent.close()
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+def test_mini_kernel_interactive_shell(linux_guest):
+    """Without pyhv.cmd, /init starts a shell on the console with job control; pyhv-exit ends the VM."""
+    proc = subprocess.Popen(qemu_args(linux_guest, ""), stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT)
+    agent = GuestAgent(proc.stdout, proc.stdin)       # here only to read the console
+    try:
+        agent.read_until(re.compile("pyhv guest shell"), TIMEOUT)
+        proc.stdin.write(b"echo job control: $(set -o | grep -c 'monitor *on'); tty; pyhv-exit 6\n")
+        proc.stdin.flush()
+        assert proc.wait(timeout=TIMEOUT) == debug_exit_status(6)
+        rest = agent.console + proc.stdout.read().decode(errors="replace")
+        assert "job control: 1" in rest and "/dev/ttyS0" in rest, rest
     finally:
         agent.close()
         if proc.poll() is None:
