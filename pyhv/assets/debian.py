@@ -3,6 +3,7 @@ unpack with `dpkg-deb -x`, all into the cache. Nothing is installed on the host.
 """
 from __future__ import annotations
 
+import json
 import logging
 import os
 import re
@@ -10,16 +11,17 @@ import shutil
 import subprocess
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from pyhv.assets.cache import cache_subdir, file_sha256, move_dir_into_place
+from pyhv.assets.cache import cache_root, cache_subdir, digest, file_sha256, move_dir_into_place, write_atomic
 from pyhv.assets.errors import GuestAssetError
 from pyhv.assets.progress import Progress
 
 log = logging.getLogger(__name__)
 
 APT_HINT = "check the apt sources, then run `apt-get update` as root"
+APT_STATE_DIRS = ("/var/lib/apt/lists", "/etc/apt")
 
 
 _lists_refreshed = False
@@ -80,19 +82,52 @@ def parse_control(text: str) -> dict[str, str]:
     return fields
 
 
+def apt_state() -> str:
+    """A fingerprint of what decides apt's candidates (package lists, sources, preferences): resolutions made
+    under the same fingerprint are reused. (This Debian image keeps no apt binary cache, so each `apt-cache`
+    call re-reads all package lists: seconds on a busy machine.)"""
+    entries = []
+    for base in APT_STATE_DIRS:
+        for root, dirs, files in os.walk(base):
+            dirs.sort()
+            for name in sorted(files):
+                try:
+                    st = os.stat(os.path.join(root, name))
+                except OSError:
+                    continue
+                entries.append((os.path.join(root, name), st.st_size, st.st_mtime_ns))
+    return digest(entries)
+
+
+def _apt_cache_show(name: str) -> dict[str, str]:
+    proc = _run(["apt-cache", "show", "--no-all-versions", name])
+    return parse_control(proc.stdout) if proc.returncode == 0 else {}
+
+
 def resolve(name: str, progress: Progress | None = None) -> DebPackage:
     """apt's candidate version of a package (after one `apt-get update` if apt has no list naming it, as on a
     machine whose package lists were never fetched)."""
-    proc = _run(["apt-cache", "show", "--no-all-versions", name])
-    fields = parse_control(proc.stdout)
-    if (proc.returncode != 0 or "Version" not in fields) and refresh_package_lists(progress or Progress()):
-        proc = _run(["apt-cache", "show", "--no-all-versions", name])
-        fields = parse_control(proc.stdout)
-    if proc.returncode != 0 or "Version" not in fields:
+    memo_path = cache_root() / "apt-candidates.json"
+    try:
+        memo = json.loads(memo_path.read_text())
+    except (OSError, ValueError):
+        memo = {}
+    state = apt_state()
+    if memo.get("state") == state and name in memo.get("packages", {}):
+        return DebPackage(**memo["packages"][name])
+    fields = _apt_cache_show(name)
+    if "Version" not in fields and refresh_package_lists(progress or Progress()):
+        state = apt_state()
+        fields = _apt_cache_show(name)
+    if "Version" not in fields:
         raise GuestAssetError(f"package {name} is not known to apt", APT_HINT)
-    return DebPackage(name=fields["Package"], version=fields["Version"], architecture=fields.get("Architecture", ""),
-                      size=int(fields.get("Size", "0")), sha256=fields.get("SHA256", ""),
-                      depends=fields.get("Depends", ""))
+    package = DebPackage(name=fields["Package"], version=fields["Version"],
+                         architecture=fields.get("Architecture", ""), size=int(fields.get("Size", "0")),
+                         sha256=fields.get("SHA256", ""), depends=fields.get("Depends", ""))
+    packages = memo.get("packages", {}) if memo.get("state") == state else {}
+    packages[name] = asdict(package)
+    write_atomic(memo_path, json.dumps({"state": state, "packages": packages}, indent=1).encode())
+    return package
 
 
 def first_dependency(package: DebPackage, prefix: str) -> str:
