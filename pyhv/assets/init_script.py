@@ -61,6 +61,7 @@ def render_init(modules: list[str]) -> str:
 # pyhv.cmd, agent mode) is documented in pyhv/assets/protocol.py.
 export PATH=/sbin:/bin:/usr/sbin:/usr/bin HOME=/root TERM=vt100 PS1='pyhv:\w# '
 mount -t proc proc /proc
+read -r PYHV_START _ < /proc/uptime
 mount -t sysfs sysfs /sys
 mount -t devtmpfs devtmpfs /dev 2>/dev/null
 mount -t tmpfs tmpfs /tmp
@@ -78,7 +79,7 @@ for m in {module_list}; do
 done
 
 read -r PYHV_UPTIME _ < /proc/uptime
-echo "{INIT_MARKER} uptime=$PYHV_UPTIME"
+echo "{INIT_MARKER} uptime=$PYHV_UPTIME start=$PYHV_START"
 
 if [ -n "$PYHV_CMD" ] || [ -n "$PYHV_AGENT" ]; then
     echo 4 > /proc/sys/kernel/printk    # only errors and worse interleave with command output

@@ -10,7 +10,8 @@ Kernel command line (read by /init from /proc/cmdline):
 `encode_command()` picks the form for a command.
 
 Console output of /init, each marker on its own line (lines end in "\\r\\n" on a serial console):
-    PYHV-INIT uptime=SECONDS            set-up done (file systems mounted, modules loaded); SECONDS from /proc/uptime
+    PYHV-INIT uptime=SECONDS start=S    set-up done (file systems mounted, modules loaded); SECONDS from
+                                        /proc/uptime, S the uptime when /init had just mounted /proc
     PYHV-EXIT-STATUS=N                  after the command's output: its exit status (0-255)
     PYHV-AGENT-READY                    agent mode: ready for commands
 A command's output that does not end in a newline is followed by the status marker on the same line, so find the
@@ -42,7 +43,7 @@ from typing import BinaryIO
 INIT_MARKER = "PYHV-INIT"
 EXIT_STATUS_MARKER = "PYHV-EXIT-STATUS="
 AGENT_READY = "PYHV-AGENT-READY"
-INIT_RE = re.compile(r"PYHV-INIT uptime=(\d+(?:\.\d+)?)")
+INIT_RE = re.compile(r"PYHV-INIT uptime=(\d+(?:\.\d+)?)(?: start=(\d+(?:\.\d+)?))?")
 EXIT_STATUS_RE = re.compile(r"PYHV-EXIT-STATUS=(\d+)\r?$", re.MULTILINE)
 DEBUG_EXIT_PORT = 0xF4
 
@@ -66,8 +67,15 @@ def debug_exit_status(guest_status: int) -> int:
 
 
 def parse_init_uptime(console: str) -> float | None:
+    """The guest's uptime at the PYHV-INIT marker, or None without one."""
     m = INIT_RE.search(console)
     return float(m.group(1)) if m else None
+
+
+def parse_init_start(console: str) -> float | None:
+    """The guest's uptime when /init started (had mounted /proc), or None."""
+    m = INIT_RE.search(console)
+    return float(m.group(2)) if m and m.group(2) else None
 
 
 def parse_exit_status(console: str) -> int | None:

@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 
 from pyhv.assets.init_script import CMDLINE_FUNCTIONS, render_init
 from pyhv.assets.protocol import (AgentTimeout, GuestAgent, command_output, debug_exit_status, encode_command,
-                                  parse_exit_status, parse_init_uptime)
+                                  parse_exit_status, parse_init_start, parse_init_uptime)
 
 PARSE = CMDLINE_FUNCTIONS + r'''
 pyhv_parse_cmdline "$1"
@@ -70,12 +70,13 @@ def test_encode_command_rejects_empty():
         encode_command("")
 
 
-CONSOLE = ("[    2.1] Run /init as init process\r\nPYHV-INIT uptime=2.41\r\n6.1.0-56-amd64\r\nline two\r\n"
+CONSOLE = ("[    2.1] Run /init as init process\r\nPYHV-INIT uptime=2.41 start=2.38\r\n6.1.0-56-amd64\r\nline two\r\n"
            "PYHV-EXIT-STATUS=3\r\n")
 
 
 def test_parse_console_output():
-    assert parse_init_uptime(CONSOLE) == 2.41
+    assert parse_init_uptime(CONSOLE) == 2.41 and parse_init_start(CONSOLE) == 2.38
+    assert parse_init_start("PYHV-INIT uptime=1.5\n") is None
     assert parse_exit_status(CONSOLE) == 3
     assert command_output(CONSOLE) == "6.1.0-56-amd64\nline two\n"
     assert parse_exit_status("no newline at the endPYHV-EXIT-STATUS=0\r\n") == 0
