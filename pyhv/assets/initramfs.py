@@ -5,7 +5,8 @@ The uncompressed image is for PVM hosts: there the kernel's gzip inflate runs in
 QEMU instruction count (-icount) of the mini kernel's boot to /init it doubled the kernel's instructions (~86 M
 with the .cpio.gz, ~43 M with the .cpio).
 
-    /bin/busybox + one symlink per applet (from `busybox --list-full`), /sbin/mkfs.ext2 (a mke2fs wrapper)
+    /bin/busybox + one symlink per applet (from `busybox --list-full`), /sbin/mkfs.ext2 (a mke2fs wrapper),
+    /etc/udhcpc/default.script      so `udhcpc -i eth0` configures the interface
     /init, /bin/pyhv-exit                 see pyhv.assets.init_script and pyhv.assets.protocol
     /lib/modules/NAME.ko                  stock kernel only, decompressed, loaded by /init in dependency order
     /dev/console (c 5 1)                  the kernel opens it for /init's stdin/stdout before devtmpfs exists
@@ -33,6 +34,20 @@ ETC_FILES = {
     "/etc/group": b"root:x:0:\n",
 }
 MKFS_EXT2 = b'#!/bin/sh\n# busybox-static has mke2fs (which makes ext2) but no mkfs.ext2 name\nexec mke2fs "$@"\n'
+# busybox udhcpc runs this with the lease in its environment (interface, ip, mask, router, dns).
+UDHCPC_SCRIPT = b"""#!/bin/sh
+# udhcpc's hook: configure the interface from the lease ($interface, $ip, $mask, $router, $dns)
+case "$1" in
+deconfig) ip addr flush dev "$interface"; ip link set "$interface" up ;;
+bound|renew)
+    ip addr flush dev "$interface"
+    ip addr add "$ip/${mask:-24}" dev "$interface"
+    for r in $router; do ip route add default via "$r" dev "$interface"; break; done
+    : > /etc/resolv.conf
+    for d in $dns; do echo "nameserver $d" >> /etc/resolv.conf; done ;;
+esac
+exit 0
+"""
 GZIP_LEVEL = 6
 
 
@@ -107,6 +122,7 @@ class InitramfsSpec:
             if applet != "bin/busybox":
                 archive.add(CpioEntry.symlink("/" + applet, "/bin/busybox"))
         archive.add(CpioEntry.file("/sbin/mkfs.ext2", MKFS_EXT2, 0o755))
+        archive.add(CpioEntry.file("/etc/udhcpc/default.script", UDHCPC_SCRIPT, 0o755))
         for name, data in ETC_FILES.items():
             archive.add(CpioEntry.file(name, data))
         archive.add(CpioEntry.file("/init", self.init_script().encode(), 0o755))

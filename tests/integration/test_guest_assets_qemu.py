@@ -53,11 +53,14 @@ def test_mini_kernel_virtio_pci_devices_on_q35(linux_guest, tmp_path):
     disk, first_64k = disk_image(tmp_path / "disk.img", 8 << 20)
     extra = ["-drive", f"file={disk},if=none,id=d0,format=raw,discard=unmap",
              "-device", "virtio-blk-pci,drive=d0,discard=on,write-zeroes=on",
-             "-netdev", "user,id=n0", "-device", "virtio-net-pci,netdev=n0",
+             "-netdev", "user,id=n0,guestfwd=tcp:10.0.2.100:1234-cmd:echo hello-over-tcp",
+             "-device", "virtio-net-pci,netdev=n0",
              "-device", "virtio-rng-pci"]
     command = ("dd if=/dev/vda bs=4096 count=16 2>/dev/null | sha256sum; "
                "cat /sys/block/vda/queue/discard_max_bytes /sys/block/vda/queue/write_zeroes_max_bytes; "
                "ls /sys/class/net; "
+               "timeout 60 udhcpc -i eth0 -n -q -t 5 >/dev/null 2>&1; ip -4 addr show eth0 | grep -o 'inet [0-9.]*'; "
+               "echo | nc 10.0.2.100 1234; "
                "dd if=/dev/hwrng bs=16 count=1 2>/dev/null | wc -c; "
                "mkfs.ext2 -q /dev/vda && mount /dev/vda /mnt && echo hello > /mnt/f && umount /mnt && "
                "mount /dev/vda /mnt && cat /mnt/f && fstrim /mnt >/dev/null 2>&1; echo fstrim=$?")
@@ -67,6 +70,8 @@ def test_mini_kernel_virtio_pci_devices_on_q35(linux_guest, tmp_path):
     assert lines[0] == first_64k
     assert int(lines[2]) > 0 and int(lines[3]) > 0, "virtio-blk discard / write-zeroes not offered"
     assert "eth0" in lines and "lo" in lines
+    assert "10.0.2.15" in lines, "no DHCP lease on virtio-net"
+    assert "hello-over-tcp" in lines, "no TCP over virtio-net"
     assert "16" in lines, "no 16 bytes from /dev/hwrng"
     assert "hello" in lines and "fstrim=0" in lines, console
 
