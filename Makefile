@@ -24,6 +24,7 @@ test: $(VENV)/.installed deps
 
 bench: $(VENV)/.installed deps
 	$(PY) bench/exits.py
+	$(PY) bench/pc_boot.py
 
 clean:
 	rm -rf $(VENV) build .pytest_cache

@@ -7,6 +7,7 @@ stdio on a terminal switches it to raw mode (restored on exit) with QEMU's escap
 from __future__ import annotations
 
 import atexit
+import dataclasses
 import logging
 import os
 import socket
@@ -30,11 +31,18 @@ class ChardevSpec:
     """A parsed `--serial`/`--debugcon` value."""
     kind: str                   # stdio | file | socket | pty | none
     path: str | None = None
+    logfile: str | None = None  # also copy the guest's output to this file (QEMU's logfile=)
 
     KINDS = ("stdio", "file", "socket", "pty", "none")
 
     @classmethod
     def parse(cls, text: str, option: str = "--serial") -> "ChardevSpec":
+        """`KIND[:PATH][,logfile=FILE]`."""
+        text, _, log_opt = text.partition(",logfile=")
+        if _ and not log_opt:
+            raise ConfigError(f"{option}: logfile= needs a path")
+        if log_opt:
+            return dataclasses.replace(cls.parse(text, option), logfile=log_opt)
         kind, _, path = text.partition(":")
         if kind not in cls.KINDS:
             raise ConfigError(f"{option} {text!r}: unknown backend {kind!r}",
@@ -46,7 +54,8 @@ class ChardevSpec:
         return cls(kind, path or None)
 
     def __str__(self) -> str:
-        return f"{self.kind}:{self.path}" if self.path else self.kind
+        text = f"{self.kind}:{self.path}" if self.path else self.kind
+        return f"{text},logfile={self.logfile}" if self.logfile else text
 
 
 def _write_all(fd: int, data: bytes) -> None:
@@ -192,17 +201,11 @@ class SocketChardev(Chardev):
     def __init__(self, path: str) -> None:
         super().__init__()
         self.path = path
-        self.server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
         try:
             if os.path.exists(path) and _is_socket(path):
                 os.unlink(path)
-            old_umask = os.umask(0o177)
-            try:
-                self.server.bind(path)
-            finally:
-                os.umask(old_umask)
+            self.server = bind_private_socket(path)
         except OSError as e:
-            self.server.close()
             raise ConfigError(f"cannot create socket {path}: {e.strerror}")
         self.server.listen(1)
         self.server.setblocking(False)
@@ -221,8 +224,12 @@ class SocketChardev(Chardev):
         except BlockingIOError:
             return
         with self.lock:
-            if self.client is not None:
-                client.close()              # one client at a time, as QEMU's socket chardev
+            if self.client is not None:     # one client at a time, as QEMU's socket chardev
+                try:
+                    client.send(b"pyhv: the console is in use by another client\r\n")
+                except OSError:
+                    pass
+                client.close()
                 return
             self.client = client
             backlog, self.backlog = bytes(self.backlog), bytearray()
@@ -319,6 +326,21 @@ class PtyChardev(Chardev):
         os.close(self._slave)
 
 
+def bind_private_socket(path: str) -> socket.socket:
+    """A Unix stream socket bound at `path` with mode 0600 from the start (bound under a 0177 umask, so there
+    is no moment when another user could connect). Raises OSError."""
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+    old_umask = os.umask(0o177)
+    try:
+        sock.bind(path)
+    except OSError:
+        sock.close()
+        raise
+    finally:
+        os.umask(old_umask)
+    return sock
+
+
 def _pollable(fd: int) -> bool:
     import select
     probe = select.epoll()
@@ -339,8 +361,38 @@ def _is_socket(path: str) -> bool:
         return False
 
 
+class TeeChardev(Chardev):
+    """A chardev whose output is also appended to a log file (`,logfile=`); input comes from the inner one."""
+
+    def __init__(self, inner: Chardev, logfile: str) -> None:
+        super().__init__()
+        self.inner = inner
+        try:
+            self.log_fd = os.open(logfile, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o600)
+        except OSError as e:
+            inner.close()
+            raise ConfigError(f"cannot open log file {logfile}: {e.strerror}")
+
+    def write(self, data: bytes) -> None:
+        if self.log_fd >= 0:
+            _write_all(self.log_fd, data)
+        self.inner.write(data)
+
+    def attach(self, receiver: Callable[[bytes], None], iothread: IoThread) -> None:
+        super().attach(receiver, iothread)
+        self.inner.attach(receiver, iothread)
+
+    def close(self) -> None:
+        self.inner.close()
+        if self.log_fd >= 0:
+            os.close(self.log_fd)
+            self.log_fd = -1
+
+
 def open_chardev(spec: ChardevSpec, on_quit: Callable[[], None] | None = None,
                  on_stats: Callable[[], str] | None = None) -> Chardev:
+    if spec.logfile:
+        return TeeChardev(open_chardev(dataclasses.replace(spec, logfile=None), on_quit, on_stats), spec.logfile)
     if spec.kind == "stdio":
         return StdioChardev(on_quit, on_stats)
     if spec.kind == "file":

@@ -42,17 +42,43 @@ def _add_run_options(p: argparse.ArgumentParser) -> None:
                            "the vCPU starts at its reset vector in real mode")
     boot.add_argument("--kernel", metavar="FILE", help="Linux kernel (bzImage or vmlinux) to boot directly")
     boot.add_argument("--initrd", metavar="FILE", help="initial ramdisk for --kernel")
-    boot.add_argument("--append", metavar="CMDLINE", default="", help="kernel command line for --kernel")
+    boot.add_argument("--append", metavar="CMDLINE", default="",
+                      help="kernel command line for --kernel (default: console=ttyS0 reboot=k panic=-1)")
+    boot.add_argument("--boot-entry", choices=("auto", "pvh", "linux64"), default="auto",
+                      help="kernel entry: PVH (an ELF vmlinux's note) or the 64-bit boot protocol; auto: PVH for a "
+                           "vmlinux that has the note, 64-bit for a bzImage (decompressed on the host)")
     hw = p.add_argument_group("hardware")
     hw.add_argument("--machine", "-M", default="microvm", choices=("microvm", "pc"),
                     help="machine type (default: microvm)")
     hw.add_argument("--memory", "-m", default="128M", metavar="SIZE",
                     help="guest RAM; K/M/G suffixes, a bare number is MiB (default: 128M)")
     hw.add_argument("--cpus", "--smp", type=int, default=1, metavar="N", help="number of vCPUs (default: 1)")
+    hw.add_argument("--cpu", default="auto", choices=("auto", "host", "nested-safe"),
+                    help="CPUID profile: host (what KVM supports), nested-safe (hides what nested/PVM hosts cannot "
+                         "emulate, and KVM's paravirt leaves); auto: nested-safe on PVM hosts")
     hw.add_argument("--memory-backend", choices=("anon", "memfd"), default="anon",
                     help="anon: private memory; memfd: shareable with other processes (vhost-user)")
     hw.add_argument("--device", action="append", default=[], metavar="NAME",
-                    help="add a device: testdev (port 0xe0 and MMIO 0xfe800000 scratch registers for tests)")
+                    help="add a device: testdev (port 0xe0 and MMIO 0xfe800000 scratch registers for tests); "
+                         "vhost-user-blk-pci,socket=PATH (also -net-, -rng-, and vhost-user-pci,type=T,socket=PATH: "
+                         "a virtio device served by a vhost-user back end; needs --machine pc --memory-backend "
+                         "memfd)")
+    hw.add_argument("--drive", action="append", default=[], metavar="SPEC",
+                    help="virtio-blk disk (--machine pc): file=PATH[,readonly=on][,cache=none|writeback]"
+                         "[,serial=ID][,num-queues=N][,bootindex=N]; repeat for more disks")
+    hw.add_argument("--no-ioeventfd", action="store_true",
+                    help="virtio notifications exit to pyhv instead of being handled by KVM (for comparison)")
+    hw.add_argument("--no-msix", action="store_true", help="PCI devices offer no MSI-X: interrupts are INTx only")
+    hw.add_argument("--nic", action="append", default=[], metavar="tap,ifname=NAME[,mac=MAC]",
+                    help="a virtio network interface on an existing tap device")
+    hw.add_argument("--name", default="pyhv", help="the VM's name (default: pyhv)")
+    hw.add_argument("--uuid", help="the VM's UUID")
+    files = p.add_argument_group("the VM from a file (options given as well override the file's values)")
+    files.add_argument("--config", metavar="FILE", help="a VM config in JSON (the fields of VmConfig)")
+    files.add_argument("--domain", metavar="FILE", help="a libvirt domain XML file")
+    manage = p.add_argument_group("management")
+    manage.add_argument("--qmp", metavar="unix:PATH", help="serve QMP (QEMU's machine protocol) on a Unix socket")
+    manage.add_argument("--pidfile", metavar="FILE", help="write pyhv's process id to FILE (removed at exit)")
     io = p.add_argument_group("consoles")
     io.add_argument("--serial", default="stdio", metavar="BACKEND",
                     help="serial port 0x3f8: stdio | file:PATH | socket:PATH | pty | none (default: stdio)")
@@ -70,7 +96,22 @@ def _add_run_options(p: argparse.ArgumentParser) -> None:
                            help="do not count exits (measures what accounting costs)")
     behaviour.add_argument("--dump-mtree", action="store_true",
                            help="print the memory and I/O region trees (like QEMU's 'info mtree') and exit")
+    behaviour.add_argument("--dump-pci", action="store_true",
+                           help="list the PCI devices (like lspci, with the BARs the firmware assigned) when the "
+                                "VM ends")
     behaviour.add_argument("--log-post", action="store_true", help="log each POST code written to port 0x80")
+    behaviour.add_argument("--profile-guest", metavar="HZ", type=float, nargs="?", const=100.0,
+                           help="sample the vCPUs' instruction pointers (default 100 Hz) and print the guest "
+                                "kernel functions they were in at exit (symbols from an ELF --kernel or "
+                                "--system-map)")
+    behaviour.add_argument("--system-map", metavar="FILE", help="kernel symbols for --profile-guest")
+    behaviour.add_argument("--pvm-syscall-fix", choices=("auto", "on", "off"), default="auto",
+                           help="repair SYSCALL from guest user mode, which PVM hosts leave at CPL 3 "
+                                "(auto: on PVM hosts, for --kernel)")
+    behaviour.add_argument("--no-emulation-fallbacks", action="store_true",
+                           help="do not complete int3/fwait/clac/stac/popcnt/ldmxcsr when KVM's emulator fails")
+    behaviour.add_argument("--no-pvm-workarounds", action="store_true",
+                           help="on PVM hosts, do not add the kernel options that avoid KVM emulator gaps")
 
 
 def _add_common(p: argparse.ArgumentParser) -> None:
@@ -92,6 +133,10 @@ def build_parser() -> argparse.ArgumentParser:
     info = sub.add_parser("info", help="what this host's KVM offers (flavour, API, capabilities)")
     info.add_argument("--json", action="store_true", help="machine-readable output")
     _add_common(info)
+    from pyhv import lifecycle
+    lifecycle.add_parsers(sub, _add_common)
+    from pyhv.vhost import cli as vhost_cli
+    _add_common(vhost_cli.add_parser(sub))
     from pyhv.assets.cli import add_parser as add_guest_parser
     add_guest_parser(sub)
     return parser
@@ -99,33 +144,54 @@ def build_parser() -> argparse.ArgumentParser:
 
 def config_from_args(args: argparse.Namespace) -> "VmConfig":
     from pyhv.chardev import ChardevSpec
-    from pyhv.config import VmConfig, parse_size
+    from pyhv.config import DriveConfig, NetConfig, VmConfig, parse_size
+    from pyhv.runargs import apply_file
 
-    return VmConfig(
+    config = VmConfig(
         machine=args.machine, memory=parse_size(args.memory), cpus=args.cpus, memory_backend=args.memory_backend,
         firmware=args.firmware, kernel=args.kernel, initrd=args.initrd, append=args.append,
         serial=ChardevSpec.parse(args.serial, "--serial"), debugcon=ChardevSpec.parse(args.debugcon, "--debugcon"),
         on_reset=args.on_reset, devices=list(args.device), log_post=args.log_post,
-        accounting=not args.no_accounting,
-    ).validate()
+        accounting=not args.no_accounting, cpu_model=args.cpu, boot_entry=args.boot_entry,
+        pvm_workarounds=not args.no_pvm_workarounds, pvm_syscall_fix=args.pvm_syscall_fix,
+        emulation_fallbacks=not args.no_emulation_fallbacks, name=args.name, uuid=args.uuid,
+        drives=[DriveConfig.parse(d) for d in args.drive], nets=[NetConfig.parse(n) for n in args.nic],
+        ioeventfd=not args.no_ioeventfd, msix=not args.no_msix,
+    )
+    return apply_file(config, args).validate()
 
 
 def cmd_run(args: argparse.Namespace) -> int:
     from pyhv.machine import Machine
+    from pyhv.runargs import RunHooks
 
     config = config_from_args(args)
     machine = Machine(config)
+    hooks = RunHooks(args)
+    profiler = None
     try:
+        hooks.open(machine)
         if args.dump_mtree:
             print(machine.dump_mtree())
             return 0
+        if args.profile_guest:
+            from pyhv.profiler import GuestProfiler, elf_symbols, system_map_symbols
+            symbols = (system_map_symbols(args.system_map) if args.system_map
+                       else elf_symbols(config.kernel) if config.kernel else [])
+            profiler = GuestProfiler(machine, args.profile_guest, symbols)
+            profiler.start()
+        hooks.start()
         status = machine.run()
+        if profiler is not None:
+            print(profiler.report(), file=sys.stderr)
+        if args.dump_pci:
+            print(machine.dump_pci())
         if args.stats:
             print(machine.stats_report(), file=sys.stderr)
         if args.stats_json:
             data = machine.exit_stats().as_dict(machine.port_owner)
             data.update(kvm_flavour=machine.flavour.value, exit_status=status, exit_reason=machine.exit_reason,
-                        first_kvm_run_monotonic=machine.first_run_monotonic,
+                        first_kvm_run_monotonic=machine.first_run_monotonic, kvm=machine.kvm_stats(),
                         unassigned={"port_reads": machine.io.unassigned_reads,
                                     "port_writes": machine.io.unassigned_writes,
                                     "mmio_reads": machine.memory.unassigned_reads,
@@ -135,6 +201,7 @@ def cmd_run(args: argparse.Namespace) -> int:
                 json.dump(data, f, indent=1)
         return status
     finally:
+        hooks.close()
         machine.close()
 
 
@@ -175,10 +242,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command is None:
         parser.print_help()
         return EXIT_USAGE
+    args.argv = list(sys.argv[1:] if argv is None else argv)
     _setup_logging(args)
     try:
-        from pyhv.assets.cli import cmd_guest
-        return {"run": cmd_run, "info": cmd_info, "guest": cmd_guest}[args.command](args)
+        from pyhv.vhost.cli import cmd_vhost_user_backend
+        handler = {"run": cmd_run, "info": cmd_info,
+                   "vhost-user-backend": cmd_vhost_user_backend}.get(args.command) or args.handler
+        return handler(args)
     except PyhvError as e:
         print(f"pyhv: error: {e}", file=sys.stderr)
         return e.exit_code

@@ -20,12 +20,17 @@ from typing import Callable
 
 from pyhv.arch.x86 import cpu_dump
 from pyhv.arch.x86.cpuid import processor_signature, vcpu_cpuid
+from pyhv.arch.x86.emulate import InstructionCompleter, UnsupportedInstruction
 from pyhv.arch.x86.firmware import map_firmware
+from pyhv.arch.x86.linux_boot import LinuxBoot
+from pyhv.arch.x86.pvm import nested_safe_cpuid, pvm_cmdline
+from pyhv.arch.x86.pvm_syscall import SyscallRepair
 from pyhv.arch.x86.reset import reset_state
 from pyhv.chardev import Chardev, open_chardev
 from pyhv.config import VmConfig
 from pyhv.devices.cmos_rtc import CmosRtc
 from pyhv.devices.debug_exit import DebugExit
+from pyhv.coalesced_io import DRAIN_INTERVAL, CoalescedIo
 from pyhv.devices.debugcon import DebugCon
 from pyhv.devices.i8042 import I8042
 from pyhv.devices.irq import CallbackIrqLine
@@ -36,7 +41,7 @@ from pyhv.errors import ConfigError, GuestImageError
 from pyhv.iothread import IoThread
 from pyhv.kvm import Kvm
 from pyhv.kvm import constants as C
-from pyhv.memory import AddressSpace, GuestMemory, MemoryRegion, RamBlock
+from pyhv.memory import AddressSpace, GuestMemory, MemoryRegion, RamBlock, memory_transaction
 from pyhv.memory.kvm_slots import KvmMemslots
 from pyhv.stats import ExitStats
 from pyhv.vcpu import VcpuThread, install_kick_handler
@@ -49,6 +54,8 @@ VGA_START, VGA_END = 0xA0000, 0xC0000
 IDENTITY_MAP_ADDR = 0xFEFFC000       # as QEMU: one page, then the 3-page TSS
 TSS_ADDR = 0xFEFFD000
 
+DEFAULT_CMDLINE = "console=ttyS0 reboot=k panic=-1"
+DEBUGCON_PORT = 0x402
 EXIT_GUEST_CRASHED = 3               # internal error, failed entry, triple fault
 
 
@@ -56,6 +63,7 @@ class Machine:
     def __init__(self, config: VmConfig, kvm: Kvm | None = None) -> None:
         self.config = config.validate()
         install_kick_handler()
+        self._owns_kvm = kvm is None
         self.kvm = kvm or Kvm()
         self.flavour = self.kvm.flavour
         self.vm = self.kvm.create_vm()
@@ -72,33 +80,87 @@ class Machine:
         self.vm.set_identity_map_addr(IDENTITY_MAP_ADDR)
         self.vm.set_tss_addr(TSS_ADDR)
         self.vm.create_irqchip()
-        self.vm.create_pit2()
+        self.vm.create_pit2(speaker_dummy=True)   # KVM then also serves port 0x61 (PIT channel 2 gate/output)
 
+        self._vcpu0 = self.vm.create_vcpu(0)
+        try:
+            tsc_khz = self._vcpu0.get_tsc_khz()
+        except OSError:
+            tsc_khz = None
+        with memory_transaction():           # one flat view and one set of memslots for the whole board
+            self._build_board(tsc_khz)
+
+        supported = self.kvm.supported_cpuid()
+        self.cpu_model = config.cpu_model if config.cpu_model != "auto" else (
+            "nested-safe" if self.flavour.is_pvm else "host")
+        if self.cpu_model == "nested-safe":
+            supported = nested_safe_cpuid(supported)
+        self.processor_signature = processor_signature(supported)
+        self.cpu_features = next((e.edx for e in supported if e.function == 1), 0)
+        self.vcpus: list[VcpuThread] = []
+        handlers = self._exit_handlers()
+        for i in range(config.cpus):
+            vcpu = self._vcpu0 if i == 0 else self.vm.create_vcpu(i)
+            vcpu.set_cpuid2(vcpu_cpuid(supported, i, config.cpus))
+            self.vcpus.append(VcpuThread(vcpu, self.io, self.memory, handlers, accounting=config.accounting,
+                                         on_first_run=self._first_run if i == 0 else None))
+        fix = config.pvm_syscall_fix
+        self.syscall_repair = SyscallRepair(self.guest_memory.read) if self.linux is not None and (
+            fix == "on" or (fix == "auto" and self.flavour.is_pvm)) else None
+        self.coalesced = CoalescedIo.create(self.kvm, self.vm, self.vcpus[0].vcpu.run_map, self.io, self.memory)
+        if self.coalesced is not None:
+            self.coalesced.add(DEBUGCON_PORT, DebugCon.SIZE)     # SeaBIOS's log: no exit per byte
+            for v in self.vcpus:
+                v.pre_exit = self.coalesced.drain
+        self._initial_lapics = [v.vcpu.get_lapic() for v in self.vcpus]
+        self._initial_irqchips = [self.vm.get_irqchip(chip) for chip in range(3)]
+        self._boot_state()
+
+    def _kernel_cmdline(self, tsc_khz: int | None) -> str:
+        cmdline = self.config.append or DEFAULT_CMDLINE
+        if self.flavour.is_pvm and self.config.pvm_workarounds:
+            cmdline, added = pvm_cmdline(cmdline, tsc_khz)
+            if added:
+                log.info("PVM host: added kernel options: %s", " ".join(added))
+        return cmdline
+
+    def _boot_state(self) -> None:
+        """Every vCPU's state at power-on (and after a reset): the reset vector for firmware, the kernel's
+        entry for direct Linux boot (with the kernel, initrd and tables written to RAM again)."""
+        if self.linux is not None:
+            self.linux.load(self.guest_memory, self.processor_signature, self.cpu_features)
+        for v in self.vcpus:
+            if self.linux is not None:
+                self.linux.setup_vcpu(v.vcpu, self.guest_memory, bsp=v.id == 0)
+                if v.id:
+                    v.vcpu.set_mp_state(C.KVM_MP_STATE_UNINITIALIZED)
+            else:
+                reset_state(v.vcpu, self.processor_signature)
+                v.vcpu.set_mp_state(C.KVM_MP_STATE_RUNNABLE if v.id == 0 else C.KVM_MP_STATE_UNINITIALIZED)
+
+    # --- construction ------------------------------------------------------------------------------------
+    def _build_board(self, tsc_khz: int | None) -> None:
+        """Memory map, ISA devices, firmware ROM or kernel and, for `pc`, the PCI board (inside one memory
+        transaction)."""
+        config = self.config
         self._build_memory()
         self._build_isa_devices()
         self.boot_rom: MemoryRegion | None = None
+        self.linux: LinuxBoot | None = None
         if config.firmware:
             with open(config.firmware, "rb") as f:
                 self.boot_rom = map_firmware(self.system_memory, f.read())
         elif config.kernel:
-            raise ConfigError("--kernel is not supported by this build yet", "boot firmware with --firmware")
+            self.linux = LinuxBoot.prepare(config.kernel, config.initrd, self._kernel_cmdline(tsc_khz),
+                                           self.below_4g, self.above_4g, config.cpus, config.boot_entry)
+            log.info("booting %s", self.linux.describe())
         else:
-            raise ConfigError("nothing to boot", "give --firmware FILE (or --kernel FILE)")
+            raise ConfigError("nothing to boot", "give --kernel FILE or --firmware FILE")
+        self.board = None
+        if config.machine == "pc":
+            from pyhv.pc_board import PcBoard
+            self.board = PcBoard(self)
 
-        supported = self.kvm.supported_cpuid()
-        self.processor_signature = processor_signature(supported)
-        self.vcpus: list[VcpuThread] = []
-        handlers = self._exit_handlers()
-        for i in range(config.cpus):
-            vcpu = self.vm.create_vcpu(i)
-            vcpu.set_cpuid2(vcpu_cpuid(supported, i, config.cpus))
-            reset_state(vcpu, self.processor_signature)
-            self.vcpus.append(VcpuThread(vcpu, self.io, self.memory, handlers, accounting=config.accounting,
-                                         on_first_run=self._first_run if i == 0 else None))
-        self._initial_lapics = [v.vcpu.get_lapic() for v in self.vcpus]
-        self._initial_irqchips = [self.vm.get_irqchip(chip) for chip in range(3)]
-
-    # --- construction ------------------------------------------------------------------------------------
     def _build_memory(self) -> None:
         cfg = self.config
         self.system_memory = MemoryRegion.container("system", 1 << 64)
@@ -166,7 +228,7 @@ class Machine:
         self.map_port(0x80, post.SIZE, "post", post.read, post.write)
         debugcon_out = self._open_chardev(cfg.debugcon)
         debugcon = DebugCon("debugcon", debugcon_out.write)
-        self.map_port(0x402, debugcon.SIZE, "debugcon", debugcon.read, debugcon.write)
+        self.map_port(DEBUGCON_PORT, debugcon.SIZE, "debugcon", debugcon.read, debugcon.write)
         debug_exit = DebugExit("debug-exit", on_exit=self._debug_exit)
         self.map_port(0xF4, debug_exit.SIZE, "debug-exit", debug_exit.read, debug_exit.write)
         self.devices.update({"serial0": uart, "i8042": i8042, "rtc": rtc, "post": post, "debugcon": debugcon,
@@ -186,6 +248,7 @@ class Machine:
             C.KVM_EXIT_FAIL_ENTRY: lambda v, r: self.crash(v, "KVM: entry failed, hardware error "
                                                            f"{v.vcpu.run.fail_entry.hardware_entry_failure_reason:#x}"),
             C.KVM_EXIT_SYSTEM_EVENT: self._on_system_event,
+            C.KVM_EXIT_DEBUG: self._on_debug,
             C.KVM_EXIT_HLT: lambda v, r: self.crash(v, "vCPU halted with no interrupt controller"),
             C.KVM_EXIT_IRQ_WINDOW_OPEN: lambda v, r: True,
             None: lambda v, r: self.crash(v, f"unexpected KVM exit {C.EXIT_REASON_NAMES.get(r, r)}"),
@@ -201,12 +264,48 @@ class Machine:
 
     def _on_internal_error(self, vcpu: VcpuThread, reason: int) -> bool:
         internal = vcpu.vcpu.run.internal
+        if internal.suberror == C.KVM_INTERNAL_ERROR_EMULATION and self.config.emulation_fallbacks:
+            failure = vcpu.vcpu.run.emulation_failure
+            if failure.flags & C.KVM_INTERNAL_ERROR_EMULATION_FLAG_INSTRUCTION_BYTES:
+                code = bytes(failure.insn_bytes[:failure.insn_size])
+                completer = InstructionCompleter(vcpu.vcpu, self.guest_memory.read, self.guest_memory.write)
+                try:
+                    name = completer.complete(code)
+                except UnsupportedInstruction as e:
+                    log.debug("cannot complete %s: %s", code.hex(" "), e)
+                else:
+                    vcpu.stats.fallbacks[name] = vcpu.stats.fallbacks.get(name, 0) + 1
+                    return True
         lines = [f"KVM internal error. Suberror: {internal.suberror}"]
         for i in range(min(internal.ndata, 16)):
             lines.append(f"extra data[{i}]: {internal.data[i]:#018x}")
         if internal.suberror == C.KVM_INTERNAL_ERROR_EMULATION:
             lines.append("emulation failure")
         return self.crash(vcpu, "\n".join(lines))
+
+    def _on_debug(self, vcpu: VcpuThread, reason: int) -> bool:
+        done = self.syscall_repair.on_debug_exit(vcpu.vcpu) if self.syscall_repair else None
+        if done is None:
+            return self.crash(vcpu, f"unexpected debug exit at {vcpu.vcpu.run.debug.pc:#x}")
+        if done in ("syscall", "fault"):
+            key = "syscall" if done == "syscall" else "page-fault pass-through"
+            vcpu.stats.fallbacks[key] = vcpu.stats.fallbacks.get(key, 0) + 1
+        return True
+
+    def _poll_syscall_repair(self) -> None:
+        """Until the guest kernel has set LSTAR on every vCPU, look again every 100 ms (I/O thread)."""
+        if self.state == "shutdown" or self.syscall_repair is None:
+            return
+        pending = False
+        for v in self.vcpus:
+            if v.id not in self.syscall_repair.armed:
+                try:
+                    pending |= not v.call(lambda v=v: self.syscall_repair.try_arm(v.vcpu))
+                except (TimeoutError, OSError) as e:
+                    log.debug("SYSCALL repair: vCPU %d not armed yet: %s", v.id, e)
+                    pending = True
+        if pending:
+            self.iothread.call_later(0.1, self._poll_syscall_repair)
 
     def _on_system_event(self, vcpu: VcpuThread, reason: int) -> bool:
         kind = vcpu.vcpu.run.system_event.type
@@ -264,12 +363,18 @@ class Machine:
 
     def start(self) -> None:
         with self._lifecycle:
+            if self.state == "shutdown" and self.first_run_monotonic is None and self.exit_status is not None:
+                return          # ended before it started (a QMP quit during start-up): wait() returns at once
             if self.state != "created":
                 raise RuntimeError(f"machine already {self.state}")
             self.iothread.start()
+            if self.coalesced is not None:
+                self._schedule_drain()
             self.state = "running"
             for v in self.vcpus:
                 v.start()
+            if self.syscall_repair is not None:
+                self.iothread.call_later(0.1, self._poll_syscall_repair)
 
     def wait(self, timeout: float | None = None) -> int | None:
         """Block until the VM ends (returns its exit status) or `timeout` passes (returns None)."""
@@ -309,11 +414,21 @@ class Machine:
         self._emit("SHUTDOWN", guest=True, reason=reason)
         self._done.set()
 
+    def _schedule_drain(self) -> None:
+        """Coalesced writes also reach their device when the guest stops exiting (e.g. it halts)."""
+        def tick() -> None:
+            self.coalesced.drain()
+            if self.state != "shutdown":
+                self.iothread.call_later(DRAIN_INTERVAL, tick)
+        self.iothread.call_later(DRAIN_INTERVAL, tick)
+
     def _teardown(self) -> None:
         for v in self.vcpus:
             v.request_stop()
         for v in self.vcpus:
             v.join(timeout=5)
+        if self.coalesced is not None:
+            self.coalesced.drain()
         self.iothread.stop()
         for chardev in self.chardevs:
             chardev.close()
@@ -322,22 +437,28 @@ class Machine:
         with self._lifecycle:
             if self.state != "running":
                 return
-            for v in self.vcpus:
-                v.request_pause()
-            for v in self.vcpus:
-                if not v.wait_paused():
-                    log.warning("vCPU %d did not pause within 5 s", v.id)
-            self.state = "paused"
+            self._pause_vcpus()
         self._emit("STOP")
+
+    def _pause_vcpus(self) -> None:
+        for v in self.vcpus:
+            v.request_pause()
+        for v in self.vcpus:
+            if not v.wait_paused():
+                log.warning("vCPU %d did not pause within 5 s", v.id)
+        self.state = "paused"
 
     def resume(self) -> None:
         with self._lifecycle:
             if self.state != "paused":
                 return
-            for v in self.vcpus:
-                v.resume()
-            self.state = "running"
+            self._resume_vcpus()
         self._emit("RESUME")
+
+    def _resume_vcpus(self) -> None:
+        for v in self.vcpus:
+            v.resume()
+        self.state = "running"
 
     def reset(self) -> None:
         """System reset: devices, interrupt controllers and vCPUs to their power-on state; RAM is kept."""
@@ -345,7 +466,8 @@ class Machine:
             if self.state == "shutdown":
                 return
             was_running = self.state == "running"
-            self.pause()
+            if was_running:
+                self._pause_vcpus()         # no STOP/RESUME events: a reset is one RESET event, as in QEMU
             for device in self.devices.values():
                 reset = getattr(device, "reset", None)
                 if reset:
@@ -354,15 +476,35 @@ class Machine:
                 self.vm.set_irqchip(chip)
             for v, lapic in zip(self.vcpus, self._initial_lapics):
                 v.vcpu.set_lapic(lapic)
-                reset_state(v.vcpu, self.processor_signature)
-                v.vcpu.set_mp_state(C.KVM_MP_STATE_RUNNABLE if v.id == 0 else C.KVM_MP_STATE_UNINITIALIZED)
+                if self.syscall_repair is not None:
+                    self.syscall_repair.disarm(v.vcpu)
+            self._boot_state()
+            if self.syscall_repair is not None:
+                self.iothread.call_later(0.1, self._poll_syscall_repair)
             if was_running:
-                self.resume()
+                self._resume_vcpus()
         self._emit("RESET", guest=True)
 
     # --- statistics ----------------------------------------------------------------------------------------
     def exit_stats(self) -> ExitStats:
         return ExitStats.merge([v.stats for v in self.vcpus])
+
+    KVM_STATS = ("exits", "io_exits", "mmio_exits", "halt_exits", "irq_window_exits", "signal_exits",
+                 "insn_emulation")
+
+    def kvm_stats(self) -> dict[str, int]:
+        """KVM's own per-vCPU counters, summed (the ones QEMU's query-stats shows too); {} if unavailable."""
+        from pyhv.kvm.binary_stats import read_stats
+        total: dict[str, int] = {}
+        for v in self.vcpus:
+            try:
+                stats = read_stats(v.vcpu.fd)
+            except OSError:
+                return {}
+            for name in self.KVM_STATS:
+                if isinstance(stats.get(name), int):
+                    total[name] = total.get(name, 0) + stats[name]
+        return total
 
     def port_owner(self, port: int) -> str:
         fr = self.io.view.port_table[port]
@@ -381,10 +523,21 @@ class Machine:
         extra = [f"unassigned port accesses: {self.io.unassigned_reads} reads, {self.io.unassigned_writes} writes",
                  f"unassigned MMIO accesses: {self.memory.unassigned_reads} reads, "
                  f"{self.memory.unassigned_writes} writes; ROM writes dropped: {self.memory.rom_writes_dropped}"]
+        kvm = self.kvm_stats()
+        if kvm:
+            extra.append("KVM counters: " + ", ".join(f"{k} {v}" for k, v in kvm.items()))
         post = self.devices.get("post")
         if post is not None:
             extra.append(f"POST codes: {post.state.writes} writes, last {post.state.last:#04x}")
         return text + "\n  " + "\n  ".join(extra)
+
+    def query_pci(self) -> list[dict]:
+        """Every PCI function (bus/slot/function, ids, class, BARs with address and size, IRQ), as QMP's
+        query-pci would list them; [] on a machine without PCI."""
+        return self.board.bus.describe() if self.board is not None else []
+
+    def dump_pci(self) -> str:
+        return self.board.bus.dump() if self.board is not None else "(no PCI bus on this machine type)"
 
     def dump_mtree(self) -> str:
         return self.memory.dump_tree() + "\n\n" + self.io.dump_tree()
@@ -398,7 +551,13 @@ class Machine:
             for chardev in self.chardevs:
                 chardev.close()
             self.iothread.stop()
+        if self.coalesced is not None:
+            self.coalesced.close()
         for v in self.vcpus:
             v.vcpu.close()
+        if self.board is not None:
+            self.board.close()
         self.vm.close()
         self.iothread.close()
+        if self._owns_kvm:
+            self.kvm.close()            # the /dev/kvm handle this machine opened

@@ -58,6 +58,7 @@ class VcpuThread:
         self.memory = memory
         self.exit_handlers = exit_handlers
         self.accounting = accounting
+        self.pre_exit: Callable[[], None] | None = None   # runs before each exit is handled (coalesced I/O)
         self.stats = ExitStats()
         self.on_first_run = on_first_run
         self.thread: threading.Thread | None = None
@@ -190,6 +191,9 @@ class VcpuThread:
         reason_off = KVM_RUN_EXIT_REASON
         data_off = KVM_RUN_EXIT_DATA
         mmio_data = _MMIO_DATA
+        mmio_view = mmio_range = None                          # one-entry cache of the last MMIO range
+        mmio_start = mmio_end = 0
+        pre_exit = self.pre_exit
         if self.on_first_run is not None:
             self.on_first_run()
         t_done = clock()
@@ -199,6 +203,8 @@ class VcpuThread:
                 t_exit = clock()
                 run_cell[0] += 1
                 run_cell[1] += t_exit - t_done
+            if pre_exit is not None:
+                pre_exit()
             if ret < 0:
                 err = get_errno()
                 if err != errno.EINTR and err != errno.EAGAIN:
@@ -232,7 +238,13 @@ class VcpuThread:
                     cell[1] += dt
             elif reason == 6:                                  # KVM_EXIT_MMIO
                 addr, data, length, is_write = unpack_mmio(run, data_off)
-                fr = mem_space.view.lookup(addr)
+                view = mem_space.view
+                if view is mmio_view and mmio_start <= addr < mmio_end:
+                    fr = mmio_range                            # same device as last time: no bisect
+                else:
+                    fr = view.lookup(addr)
+                    if fr.region is not None:
+                        mmio_view, mmio_range, mmio_start, mmio_end = view, fr, fr.start, fr.end
                 if addr + length <= fr.end:
                     if is_write:
                         fr.write(addr, length, int.from_bytes(data[:length], "little"))

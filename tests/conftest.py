@@ -85,3 +85,30 @@ def linux_guest(request):
 def stock_guest(request):
     """Debian's stock kernel + busybox initramfs with the virtio and e1000 modules (pyhv.assets.GuestAssets)."""
     return _build_linux_guest(request, "stock")
+
+
+@dataclass
+class DomainFile:
+    path: Path
+    libvirt_xml: str          # the domain as libvirt's own parser reads it back (virsh dumpxml)
+
+
+@pytest.fixture
+def domain_file(tmp_path):
+    """domain_file(xml_text, name="vm.xml") writes a domain XML file and checks that it is libvirt's XML:
+    `virt-xml-validate FILE domain` (the RNG schema) and `virsh -c test:///default define` + `dumpxml` (libvirt's
+    real parser, no daemon). Every domain XML the tests feed pyhv goes through here."""
+    import xml.etree.ElementTree as ET
+
+    def write(text: str, name: str = "vm.xml") -> DomainFile:
+        path = tmp_path / name
+        path.write_text(text)
+        check = subprocess.run(["virt-xml-validate", str(path), "domain"], capture_output=True, text=True)
+        assert check.returncode == 0, f"virt-xml-validate rejects {name}: {check.stdout}{check.stderr}"
+        dom_name = ET.fromstring(text).findtext("name")
+        dump = subprocess.run(["virsh", "-q", "-c", "test:///default", f"define {path}; dumpxml {dom_name}"],
+                              capture_output=True, text=True)
+        assert dump.returncode == 0, f"libvirt rejects {name}: {dump.stderr}"
+        libvirt_xml = dump.stdout[dump.stdout.index("<domain"):]
+        return DomainFile(path, libvirt_xml)
+    return write

@@ -39,9 +39,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     path.add_argument("--field", choices=("bzimage", "vmlinux", "initramfs", "initramfs_uncompressed",
                                           "kernel_release", "manifest"),
                       help="print only this value")
-    for p in (guest, build, path):
-        p.add_argument("--log-level", default="warning", choices=("debug", "info", "warning", "error"),
-                       help=argparse.SUPPRESS)
+    guest.set_defaults(handler=cmd_guest)
     return guest
 
 

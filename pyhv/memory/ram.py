@@ -24,6 +24,7 @@ class RamBlock:
             self.mmap = mmap.mmap(self.fd, size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
         else:
             self.mmap = mmap.mmap(-1, size, mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS, mmap.PROT_READ | mmap.PROT_WRITE)
+            self.mmap.madvise(mmap.MADV_HUGEPAGE)
         self._anchor = ctypes.c_char.from_buffer(self.mmap)
         self.host_addr = ctypes.addressof(self._anchor)
         self.view = memoryview(self.mmap)

@@ -1,0 +1,264 @@
+"""QMP commands: each is a function of the server (for its machine) and its checked arguments.
+
+Every command reads or drives the machine through its public methods. Block devices and PCI functions come
+from the machine when it offers them: `machine.block_devices()` and `machine.pci_devices()` return a list of
+objects or dicts with the fields read by `_block_info` / `_pci_info` below (a machine without disks or a PCI bus
+reports empty lists). Device branches plug in by adding those two methods, without touching the monitor.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Callable
+
+from pyhv import __version__
+
+if TYPE_CHECKING:
+    from pyhv.monitor.qmp import QmpServer
+
+EXIT_GUEST_CRASHED = 3
+
+QEMU_STATUS = {"created": "prelaunch", "running": "running", "paused": "paused", "shutdown": "shutdown"}
+JSON_TYPES = {str: "string", int: "int", bool: "boolean", dict: "object", list: "array"}
+
+
+class QmpCommandError(Exception):
+    def __init__(self, desc: str, error_class: str = "GenericError") -> None:
+        super().__init__(desc)
+        self.desc = desc
+        self.error_class = error_class
+
+
+@dataclass
+class Command:
+    name: str
+    fn: Callable[..., object]
+    args: dict[str, tuple[type, bool]]      # name -> (JSON type, required)
+
+    def call(self, server: "QmpServer", arguments: dict) -> object:
+        for key, value in arguments.items():
+            if key not in self.args:
+                raise QmpCommandError(f"Parameter '{key}' is unexpected")
+            kind = self.args[key][0]
+            if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+                raise QmpCommandError(f"Invalid parameter type for '{key}', expected: {JSON_TYPES[kind]}")
+        for key, (_, required) in self.args.items():
+            if required and key not in arguments:
+                raise QmpCommandError(f"Parameter '{key}' is missing")
+        return self.fn(server, **{k.replace("-", "_"): v for k, v in arguments.items()})
+
+
+COMMANDS: dict[str, Command] = {}
+
+
+def command(name: str, **args: tuple[type, bool]) -> Callable:
+    def register(fn: Callable) -> Callable:
+        COMMANDS[name] = Command(name, fn, {k.replace("_", "-"): v for k, v in args.items()})
+        return fn
+    return register
+
+
+def version_info() -> dict:
+    major, minor, micro = (int(x) for x in (__version__.split(".") + ["0", "0"])[:3])
+    return {"qemu": {"major": major, "minor": minor, "micro": micro}, "package": f"pyhv {__version__}"}
+
+
+# --- events ------------------------------------------------------------------------------------------------
+def event_data(event: str, data: dict, reset_cause: str | None = None) -> dict | None:
+    """The QMP `data` of a machine lifecycle event (QEMU's ShutdownCause values in `reason`)."""
+    if event == "SHUTDOWN":
+        reason = str(data.get("reason", ""))
+        cause = _shutdown_cause(reason, data.get("status"))
+        return {"guest": cause.startswith("guest"), "reason": cause, "pyhv-reason": reason}
+    if event == "RESET":
+        cause = reset_cause or "guest-reset"
+        return {"guest": cause.startswith("guest"), "reason": cause}
+    return None
+
+
+def _shutdown_cause(reason: str, status: object) -> str:
+    if reason.startswith("host-"):
+        return reason
+    if reason in ("interrupted", "closed") or reason.startswith("terminated"):
+        return "host-signal"
+    if reason.startswith("quit from"):
+        return "host-ui"
+    if status == EXIT_GUEST_CRASHED:
+        return "guest-panic"
+    if reason.startswith("guest reset"):
+        return "guest-reset"
+    return "guest-shutdown"
+
+
+# --- commands ------------------------------------------------------------------------------------------------
+@command("query-version")
+def query_version(server: "QmpServer") -> dict:
+    return version_info()
+
+
+@command("query-commands")
+def query_commands(server: "QmpServer") -> list:
+    return [{"name": name} for name in ["qmp_capabilities", *COMMANDS]]
+
+
+@command("query-name")
+def query_name(server: "QmpServer") -> dict:
+    return {"name": server.machine.config.name}
+
+
+@command("query-uuid")
+def query_uuid(server: "QmpServer") -> dict:
+    return {"UUID": server.machine.config.uuid or "00000000-0000-0000-0000-000000000000"}
+
+
+@command("query-kvm")
+def query_kvm(server: "QmpServer") -> dict:
+    return {"enabled": True, "present": True}
+
+
+@command("query-status")
+def query_status(server: "QmpServer") -> dict:
+    state = server.machine.state
+    return {"running": state == "running", "singlestep": False, "status": QEMU_STATUS.get(state, state)}
+
+
+@command("stop")
+def stop(server: "QmpServer") -> dict:
+    server.machine.pause()
+    return {}
+
+
+@command("cont")
+def cont(server: "QmpServer") -> dict:
+    if server.machine.state == "shutdown":
+        raise QmpCommandError("The VM has shut down; it cannot be resumed")
+    server.machine.resume()
+    return {}
+
+
+@command("system_reset")
+def system_reset(server: "QmpServer") -> dict:
+    server.system_reset()
+    return {}
+
+
+@command("system_powerdown")
+def system_powerdown(server: "QmpServer") -> dict:
+    """Ask the guest to power off: the machine presses its power button if it has one (ACPI); either way the
+    POWERDOWN event says the request was made, and the guest decides."""
+    server.broadcast("POWERDOWN")
+    powerdown = getattr(server.machine, "powerdown", None)
+    if powerdown is not None:
+        powerdown()
+    return {}
+
+
+@command("quit")
+def quit_(server: "QmpServer") -> dict:
+    return {}                # the connection sends the reply, then ends the machine
+
+
+@command("query-cpus-fast")
+def query_cpus_fast(server: "QmpServer") -> list:
+    out = []
+    for v in server.machine.vcpus:
+        thread = v.thread
+        native = thread.native_id if thread is not None and thread.native_id is not None else 0
+        out.append({"cpu-index": v.id, "qom-path": f"/machine/unattached/device[{v.id}]", "thread-id": native,
+                    "target": "x86_64", "props": {"socket-id": v.id, "core-id": 0, "thread-id": 0}})
+    return out
+
+
+def _field(item: object, name: str, default: object = None) -> object:
+    if isinstance(item, dict):
+        return item.get(name, default)
+    return getattr(item, name, default)
+
+
+def _machine_list(server: "QmpServer", method: str) -> list:
+    provider = getattr(server.machine, method, None)
+    if provider is not None:
+        return list(provider())
+    if method == "pci_devices":                   # the pc board's bus describes its functions itself
+        bus = getattr(getattr(server.machine, "board", None), "bus", None)
+        if bus is not None and hasattr(bus, "describe"):
+            return list(bus.describe())
+    return []
+
+
+def _block_info(item: object) -> dict:
+    """QEMU's BlockInfo from a block device's `name`, `file`, `readonly`, `format`, `size`."""
+    info: dict = {"device": _field(item, "name"), "qdev": _field(item, "qdev", _field(item, "name")),
+                  "locked": False, "removable": False, "type": "unknown"}
+    if _field(item, "file"):
+        image = {"filename": _field(item, "file"), "format": _field(item, "format", "raw"),
+                 "virtual-size": _field(item, "size", 0)}
+        info["inserted"] = {"file": _field(item, "file"), "ro": bool(_field(item, "readonly", False)),
+                            "drv": _field(item, "format", "raw"), "encrypted": False, "backing_file_depth": 0,
+                            "image": image, "detect_zeroes": "off", "bps": 0, "bps_rd": 0, "bps_wr": 0,
+                            "iops": 0, "iops_rd": 0, "iops_wr": 0, "write_threshold": 0,
+                            "cache": {"writeback": _field(item, "cache", "writeback") == "writeback",
+                                      "direct": _field(item, "cache", "writeback") == "none",
+                                      "no-flush": False}}
+    return info
+
+
+@command("query-block")
+def query_block(server: "QmpServer") -> list:
+    return [_block_info(item) for item in _machine_list(server, "block_devices")]
+
+
+def _pci_info(item: object) -> dict:
+    """QEMU's PciDeviceInfo from a PCI function's `bus`, `slot`, `function`, `vendor_id`, `device_id`,
+    `class_code` (24-bit), `subsystem_vendor_id`, `subsystem_id`, `irq` (a line number, or a dict with `line` and
+    `pin`), `bars` (dicts with `bar`, `type` io/mem/mem64/prefmem/prefmem64/rom, `address` (None: unmapped),
+    `size`; or (index, type, address, size) tuples) and `name`/`desc`: the pc board's `PciBus.describe()`."""
+    class_code = int(_field(item, "class_code", 0))
+    info: dict = {"bus": _field(item, "bus", 0), "slot": _field(item, "slot", 0),
+                  "function": _field(item, "function", 0),
+                  "class_info": {"class": class_code >> 8},
+                  "id": {"vendor": _field(item, "vendor_id", 0), "device": _field(item, "device_id", 0),
+                         "subsystem-vendor": _field(item, "subsystem_vendor_id", 0),
+                         "subsystem": _field(item, "subsystem_id", 0)},
+                  "qdev_id": _field(item, "name", "") or "", "regions": []}
+    desc = _field(item, "desc")
+    if desc:
+        info["class_info"]["desc"] = desc
+    irq = _field(item, "irq")
+    if isinstance(irq, dict):
+        irq = irq.get("line") if irq.get("pin") else None
+    if irq is not None:
+        info["irq"] = irq
+    for bar in _field(item, "bars", []) or []:
+        if isinstance(bar, dict):
+            index, kind, address, size = bar["bar"], bar["type"], bar.get("address"), bar["size"]
+        else:
+            index, kind, address, size = bar
+        if address is None or kind == "rom":      # not decoded now; the expansion ROM is not a BAR region
+            continue
+        region = {"bar": index, "type": "io" if kind == "io" else "memory", "address": address, "size": size}
+        if kind != "io":
+            region.update({"prefetch": kind.startswith("prefmem"), "mem_type_64": kind.endswith("64")})
+        info["regions"].append(region)
+    return info
+
+
+@command("query-pci")
+def query_pci(server: "QmpServer") -> list:
+    buses: dict[int, list] = {}
+    for item in _machine_list(server, "pci_devices"):
+        info = _pci_info(item)
+        buses.setdefault(info["bus"], []).append(info)
+    return [{"bus": bus, "devices": devices} for bus, devices in sorted(buses.items())]
+
+
+@command("query-exit-stats")
+def query_exit_stats(server: "QmpServer") -> dict:
+    machine = server.machine
+    return machine.exit_stats().as_dict(machine.port_owner)
+
+
+@command("human-monitor-command", command_line=(str, True), cpu_index=(int, False))
+def human_monitor_command(server: "QmpServer", command_line: str, cpu_index: int = 0) -> str:
+    from pyhv.monitor.hmp import run_hmp
+    return run_hmp(server, command_line, cpu_index)
+

@@ -1,0 +1,186 @@
+"""The `pc` board: what `--machine pc` adds to the common machine (RAM, ISA devices, firmware ROM) so that
+unmodified firmware takes it for an i440FX PC (QEMU's `-M pc`):
+
+    00:00.0  i440FX host bridge (PAM shadow RAM for 0xC0000-0xFFFFF), config mechanism #1 at 0xCF8/0xCFC
+    00:01.0  PIIX3 ISA bridge (PIRQ A-D routing to ISA IRQs; ELCR in KVM's 8259s)
+    00:01.3  PIIX4 ACPI PM (PM timer, PM1 control: power off)
+    00:02.0+ virtio devices (one slot each), INTx through PIRQ (slot - 1 + pin - 1) % 4, or MSI-X
+    fw_cfg   ports 0x510/0x511 and DMA 0x514: signature, RAM size, e820, CPUs, boot order, files
+
+SeaBIOS assigns BARs in the PCI hole (from 0xC0000000 here, up to the IOAPIC) and I/O BARs from 0xC000.
+"""
+from __future__ import annotations
+
+import logging
+import uuid as uuid_mod
+from typing import TYPE_CHECKING
+
+from pyhv.arch.x86.smbios import smbios_tables
+from pyhv.devices.fw_cfg import (
+    E820_RAM, E820_RESERVED, FW_CFG_BOOT_MENU, FW_CFG_CTL_SIZE, FW_CFG_DMA_SIZE, FW_CFG_MAX_CPUS, FW_CFG_NB_CPUS,
+    FW_CFG_NOGRAPHIC, FW_CFG_PORT_DMA, FW_CFG_PORT_SEL, FW_CFG_RAM_SIZE, FW_CFG_UUID, FwCfg, e820_table,
+    pci_boot_path,
+)
+from pyhv.devices.i440fx import I440fx
+from pyhv.devices.pci.bus import (
+    PCI_CONFIG_ADDRESS_PORT, PCI_CONFIG_DATA_PORT, PciBus, PciHostPorts,
+)
+from pyhv.devices.pci.device import PciDevice
+from pyhv.devices.piix3 import Piix3
+from pyhv.devices.piix4_pm import Piix4Pm
+from pyhv.devices.port92 import PORT_A20, Port92
+from pyhv.irq_routing import GsiRouter
+
+if TYPE_CHECKING:
+    from pyhv.machine import Machine
+
+log = logging.getLogger(__name__)
+
+FOUR_GIB = 1 << 32
+KVM_RESERVED_START, KVM_RESERVED_SIZE = 0xFEFFC000, 0x4000     # identity map page + TSS (see machine.py)
+PIIX3_SLOT = 1
+PIIX4_PM_FUNCTION = 3
+FIRST_DEVICE_SLOT = 2
+KVM_PIC_STATE_ELCR = 14                 # offset of elcr in struct kvm_pic_state
+
+
+class PcBoard:
+    def __init__(self, machine: "Machine") -> None:
+        self.machine = machine
+        cfg = machine.config
+        self.gsi_router = GsiRouter(machine.vm)
+        self.bus = PciBus(machine.system_memory, machine.system_io)
+        self.host = PciHostPorts(self.bus, on_reset=machine._guest_reset)
+        machine.map_port(PCI_CONFIG_ADDRESS_PORT, PciHostPorts.ADDRESS_SIZE, "pci-conf-addr", self.host.address_read,
+                         self.host.address_write, self.host.address_describe, owner="pci-host")
+        machine.map_port(PCI_CONFIG_DATA_PORT, PciHostPorts.DATA_SIZE, "pci-conf-data", self.host.data_read,
+                         self.host.data_write, self.host.data_describe, owner="pci-host")
+        self.i440fx = I440fx("i440fx", machine.system_memory, machine.ram_region, pci_read=self._isa_bios_read)
+        self.bus.plug(self.i440fx, 0, 0)
+        self.piix3 = Piix3("piix3", machine.irq_line, read_elcr=self._read_elcr)
+        self.bus.plug(self.piix3, PIIX3_SLOT, 0)
+        self.bus.pirq_sink = self.piix3
+        self.pm = Piix4Pm("piix4-pm", machine.system_io,
+                          on_poweroff=lambda: machine.shutdown(0, "guest powered off (ACPI S5)"))
+        self.bus.plug(self.pm, PIIX3_SLOT, PIIX4_PM_FUNCTION)
+
+        self.fw_cfg = FwCfg("fw_cfg", machine.guest_memory)
+        machine.map_port(FW_CFG_PORT_SEL, FW_CFG_CTL_SIZE, "fw_cfg", self.fw_cfg.ctl_read, self.fw_cfg.ctl_write,
+                         self.fw_cfg.ctl_describe)
+        machine.map_port(FW_CFG_PORT_DMA, FW_CFG_DMA_SIZE, "fw_cfg-dma", self.fw_cfg.dma_read,
+                         self.fw_cfg.dma_write, self.fw_cfg.dma_describe, owner="fw_cfg")
+        self.port92 = Port92("port92", on_reset=machine._guest_reset)
+        machine.map_port(PORT_A20, Port92.SIZE, "port92", self.port92.read, self.port92.write,
+                         self.port92.bank.register_name)
+        self.boot_devices: list[tuple[int, PciDevice]] = []     # (boot index, device) for `bootorder`
+        machine.devices.update({"pci-host": self.host, "pci": self.bus, "fw_cfg": self.fw_cfg,
+                                "port92": self.port92})
+        self._fill_fw_cfg()
+        self.virtio: list = []
+        for i, drive in enumerate(cfg.drives):
+            self.add_drive(drive, i)
+        for i, vu in enumerate(cfg.vhost_user_devices()):
+            self.add_vhost_user(vu, i)
+
+    def add_vhost_user(self, vu, position: int) -> PciDevice:
+        from pyhv.vhost.frontend import VhostUserFrontend
+        from pyhv.virtio.net import parse_mac
+
+        backend = VhostUserFrontend(vu.socket, vu.device_id, self.vhost_memory_regions, self.machine.iothread,
+                                    num_queues=vu.num_queues, queue_size=vu.queue_size,
+                                    mac=parse_mac(vu.mac) if vu.mac else None)
+        boot_index = vu.bootindex if vu.bootindex is not None else 2000 + position
+        return self.add_virtio(f"vhost-user{position}", backend, boot_index if vu.device_id == 2 else None)
+
+    def vhost_memory_regions(self) -> list[tuple[int, int, int, int, int]]:
+        """Guest RAM as vhost-user regions (gpa, size, user address, offset in the memfd, memfd)."""
+        m = self.machine
+        ram, fd = m.ram, m.ram.fd
+        low = min(m.below_4g, 0xA0000)
+        regions = [(0, low, ram.host_addr, 0, fd)]
+        if m.below_4g > 0xC0000:
+            regions.append((0xC0000, m.below_4g - 0xC0000, ram.host_addr + 0xC0000, 0xC0000, fd))
+        if m.above_4g:
+            regions.append((FOUR_GIB, m.above_4g, ram.host_addr + m.below_4g, m.below_4g, fd))
+        return regions
+
+    def add_drive(self, drive, position: int) -> PciDevice:
+        from pyhv.virtio.blk import VirtioBlk
+
+        boot_index = drive.bootindex if drive.bootindex is not None else 1000 + position
+        return self.add_virtio(f"virtio-blk{position}", VirtioBlk.from_config(drive), boot_index)
+
+    def add_virtio(self, name: str, backend, boot_index: int | None) -> PciDevice:
+        """Plug a virtio back end behind a virtio-pci function."""
+        from pyhv.virtio.pci import VirtioPciDevice
+
+        m = self.machine
+        dev = VirtioPciDevice(name, backend, m.guest_memory, m.iothread,
+                              msi_routes=self.msi_routes if m.config.msix else None,
+                              use_ioeventfd=m.config.ioeventfd, ioeventfd=self._ioeventfd)
+        self.virtio.append(dev)
+        m.devices[name] = dev
+        return self.plug(dev, boot_index=boot_index)
+
+    def _ioeventfd(self, fd: int, addr: int, length: int, deassign: bool) -> None:
+        from pyhv.kvm.system import IoEventFd
+        self.machine.vm.ioeventfd(IoEventFd(fd, addr, length, False, None), deassign=deassign)
+
+    # --- PCI devices ----------------------------------------------------------------------------------------------
+    def plug(self, device: PciDevice, slot: int | None = None, boot_index: int | None = None) -> PciDevice:
+        self.bus.plug(device, self.bus.free_slot(FIRST_DEVICE_SLOT) if slot is None else slot)
+        if boot_index is not None:
+            self.boot_devices.append((boot_index, device))
+            self._write_bootorder()
+        return device
+
+    def _write_bootorder(self) -> None:
+        paths = [pci_boot_path(d.slot, d.function) for _, d in sorted(self.boot_devices, key=lambda t: t[0])]
+        self.fw_cfg.add_file("bootorder", ("\n".join(paths) + "\n").encode() if paths else b"")
+
+    # --- fw_cfg -------------------------------------------------------------------------------------------------
+    def _fill_fw_cfg(self) -> None:
+        m, cfg = self.machine, self.machine.config
+        fw = self.fw_cfg
+        fw.add_u64(FW_CFG_RAM_SIZE, cfg.memory)
+        fw.add_u16(FW_CFG_NB_CPUS, cfg.cpus)
+        fw.add_u16(FW_CFG_MAX_CPUS, cfg.cpus)
+        fw.add_u16(FW_CFG_NOGRAPHIC, 0 if cfg.serial.kind == "none" else 1)
+        fw.add_u16(FW_CFG_BOOT_MENU, 0)
+        fw.add_item(FW_CFG_UUID, uuid_mod.UUID(cfg.uuid).bytes if cfg.uuid else bytes(16))
+        entries = [(0, m.below_4g, E820_RAM)]
+        if m.above_4g:
+            entries.append((FOUR_GIB, m.above_4g, E820_RAM))
+        entries.append((KVM_RESERVED_START, KVM_RESERVED_SIZE, E820_RESERVED))
+        fw.add_file("etc/e820", e820_table(entries))
+        leaf1 = next(((e.eax, e.edx) for e in m.kvm.supported_cpuid() if e.function == 1), (0, 0))
+        ram = [(a, n) for a, n, t in entries if t == E820_RAM]
+        anchor, tables = smbios_tables(ram, cfg.cpus, cfg.uuid, leaf1)
+        fw.add_file("etc/smbios/smbios-anchor", anchor)
+        fw.add_file("etc/smbios/smbios-tables", tables)
+        self._write_bootorder()
+
+    # --- helpers ------------------------------------------------------------------------------------------------
+    def _isa_bios_read(self, addr: int, size: int) -> int:
+        """What the PCI side answers at a legacy address PAM does not send to RAM: the BIOS ROM's last 128 KiB at
+        0xE0000-0xFFFFF, nothing below."""
+        rom = self.machine.boot_rom
+        if rom is None or addr < 0xE0000:
+            return (1 << (8 * size)) - 1
+        isa_size = min(rom.size, 0x20000)
+        off = rom.size - (0x100000 - addr)
+        if off < rom.size - isa_size:
+            return (1 << (8 * size)) - 1
+        return int.from_bytes(rom.block.view[off:off + size], "little")
+
+    def _read_elcr(self) -> tuple[int, int]:
+        master, slave = self.machine.vm.get_irqchip(0), self.machine.vm.get_irqchip(1)
+        return master.chip[KVM_PIC_STATE_ELCR], slave.chip[KVM_PIC_STATE_ELCR]
+
+    def msi_routes(self, name: str, count: int):
+        return self.gsi_router.msi_routes(name, count)
+
+    def close(self) -> None:
+        for dev in self.virtio:
+            dev.close()
+        self.gsi_router.close()

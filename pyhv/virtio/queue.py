@@ -1,0 +1,297 @@
+"""The split virtqueue (virtio 1.2 §2.7), seen from the device side.
+
+    q = VirtQueue(index, size, memory, desc_addr, avail_addr, used_addr, event_idx=True, indirect=True)
+    q.disable_notification()
+    while (chain := q.pop()) is not None:      # the next available chain, fully validated
+        ... read chain.readable, fill chain.writable ...
+        q.push(chain, written)                 # into the used ring
+    if q.should_notify(): interrupt(q.index)   # VIRTQ_AVAIL_F_NO_INTERRUPT / used_event
+    if q.enable_notification(): ...            # True: the driver added buffers meanwhile, pop again
+
+`memory` is anything with `view(gpa, length, write=False) -> memoryview` that raises `GuestMemoryError` for a
+range outside RAM: pyhv's `GuestMemory`, or the vhost-user back end's map of the front end's memory.
+
+Everything the driver wrote is checked before the device sees it: ring addresses and alignment, the available
+index (never more than `size` ahead of the device), descriptor indices, chain length (a loop in the descriptor
+table or a chain longer than the queue), every buffer's address and length (inside RAM, in one piece), a
+device-readable buffer after a device-writable one, indirect tables (feature negotiated, only as the head
+descriptor, not combined with NEXT, a whole number of descriptors, no indirect inside indirect) and the 4 GiB
+total of a chain. A violation raises `VirtQueueError`; the device then sets DEVICE_NEEDS_RESET and stops using the
+queue. Zero-length descriptors are allowed (they count towards the chain length) but give no buffer.
+
+Buffers are zero-copy memoryviews into guest memory, so the device can pass them to `os.preadv`/`os.pwritev` or a
+socket directly. The queue reads each descriptor exactly once, so a driver changing the table under the device
+cannot make a checked value differ from the used one.
+
+Memory ordering: x86 keeps stores in order and loads in order, which the ring protocol needs; the store of the
+used index and the later load of used_event (event idx) are separated by enough interpreter work that the store
+has left the store buffer.
+"""
+from __future__ import annotations
+
+import logging
+import struct
+from dataclasses import dataclass, field
+
+from pyhv.memory.guest import GuestMemoryError
+
+log = logging.getLogger(__name__)
+
+# virtio 1.2 §2.7.5: struct virtq_desc flags
+VIRTQ_DESC_F_NEXT = 1
+VIRTQ_DESC_F_WRITE = 2
+VIRTQ_DESC_F_INDIRECT = 4
+# §2.7.6 / §2.7.8: ring flags
+VIRTQ_AVAIL_F_NO_INTERRUPT = 1
+VIRTQ_USED_F_NO_NOTIFY = 1
+
+MAX_QUEUE_SIZE = 32768
+DESC_SIZE = 16
+MAX_CHAIN_BYTES = 1 << 32
+
+_DESC = struct.Struct("<QIHH")          # addr, len, flags, next
+_U16 = struct.Struct("<H")
+_USED_ELEM = struct.Struct("<II")       # id, len
+
+
+class VirtQueueError(Exception):
+    """The driver broke the virtqueue rules; the device must not use this queue until it is reset."""
+
+
+@dataclass(slots=True)
+class DescriptorChain:
+    """One available descriptor chain: its head index and its buffers, in order, as views into guest memory."""
+    head: int
+    readable: list[memoryview] = field(default_factory=list)      # device-readable (driver -> device)
+    writable: list[memoryview] = field(default_factory=list)      # device-writable (device -> driver)
+    readable_len: int = 0
+    writable_len: int = 0
+
+    def read_all(self) -> bytes:
+        """All device-readable bytes, concatenated (for small control messages)."""
+        return b"".join(self.readable)
+
+
+@dataclass
+class VirtQueueState:
+    """A virtqueue's state, in one object for `info` commands and snapshots."""
+    index: int
+    size: int
+    desc_addr: int
+    avail_addr: int
+    used_addr: int
+    event_idx: bool
+    indirect: bool
+    next_avail: int = 0           # the avail ring slot (free-running 16-bit) the device reads next
+    next_used: int = 0            # the used ring slot the device writes next
+    signalled_used: int = 0       # next_used when should_notify() last decided
+    popped: int = 0
+    pushed: int = 0
+
+
+def split_views(views: list[memoryview], offset: int) -> tuple[list[memoryview], list[memoryview]]:
+    """Split a buffer list at byte `offset`: (the first `offset` bytes, the rest). Views are sliced, not copied."""
+    head: list[memoryview] = []
+    tail: list[memoryview] = []
+    for i, v in enumerate(views):
+        n = len(v)
+        if offset >= n:
+            head.append(v)
+            offset -= n
+            continue
+        if offset:
+            head.append(v[:offset])
+            tail.append(v[offset:])
+        else:
+            tail.append(v)
+        tail.extend(views[i + 1:])
+        break
+    return head, tail
+
+
+def gather(views: list[memoryview], length: int) -> bytes:
+    """The first `length` bytes of a buffer list (fewer if the buffers are shorter)."""
+    if views and len(views[0]) >= length:
+        return bytes(views[0][:length])
+    out = bytearray()
+    for v in views:
+        out += v[:length - len(out)]
+        if len(out) >= length:
+            break
+    return bytes(out)
+
+
+def scatter(views: list[memoryview], data: bytes | bytearray | memoryview) -> int:
+    """Copy `data` into a buffer list from its start; returns the number of bytes copied."""
+    data = memoryview(data)
+    done = 0
+    for v in views:
+        if done >= len(data):
+            break
+        n = min(len(v), len(data) - done)
+        v[:n] = data[done:done + n]
+        done += n
+    return done
+
+
+class VirtQueue:
+    def __init__(self, index: int, size: int, memory, desc_addr: int, avail_addr: int, used_addr: int,
+                 event_idx: bool = False, indirect: bool = True, next_avail: int = 0,
+                 next_used: int = 0) -> None:
+        if not 0 < size <= MAX_QUEUE_SIZE or size & (size - 1):
+            raise VirtQueueError(f"queue {index}: size {size} is not a power of 2 up to {MAX_QUEUE_SIZE}")
+        if desc_addr % 16 or avail_addr % 2 or used_addr % 4:
+            raise VirtQueueError(f"queue {index}: misaligned rings (desc {desc_addr:#x}, avail {avail_addr:#x}, "
+                                 f"used {used_addr:#x})")
+        self.state = VirtQueueState(index, size, desc_addr, avail_addr, used_addr, event_idx, indirect,
+                                    next_avail & 0xFFFF, next_used & 0xFFFF, next_used & 0xFFFF)
+        self.index = index
+        self.size = size
+        self.memory = memory
+        try:
+            self._desc = memory.view(desc_addr, DESC_SIZE * size)
+            self._avail = memory.view(avail_addr, 6 + 2 * size)
+            self._used = memory.view(used_addr, 6 + 8 * size, write=True)
+        except GuestMemoryError as e:
+            raise VirtQueueError(f"queue {index}: ring outside guest memory: {e}") from None
+        self._used_event_off = 4 + 2 * size
+        self._avail_event_off = 4 + 8 * size
+
+    # --- driver -> device ------------------------------------------------------------------------------------
+    def avail_idx(self) -> int:
+        return _U16.unpack_from(self._avail, 2)[0]
+
+    def pending(self) -> int:
+        """How many chains the driver has made available that the device has not popped (checked)."""
+        n = (self.avail_idx() - self.state.next_avail) & 0xFFFF
+        if n > self.size:
+            raise VirtQueueError(f"queue {self.index}: available index {self.avail_idx()} is {n} entries ahead "
+                                 f"of the device's {self.state.next_avail}, more than the queue size {self.size}")
+        return n
+
+    def pop(self) -> DescriptorChain | None:
+        """The next available descriptor chain, or None when the driver has made none available."""
+        st = self.state
+        if not self.pending():
+            return None
+        head = _U16.unpack_from(self._avail, 4 + 2 * (st.next_avail % self.size))[0]
+        st.next_avail = (st.next_avail + 1) & 0xFFFF
+        st.popped += 1
+        return self._walk(head)
+
+    def _walk(self, head: int) -> DescriptorChain:
+        size = self.size
+        if head >= size:
+            raise VirtQueueError(f"queue {self.index}: head descriptor index {head} is not below the size {size}")
+        memory = self.memory
+        chain = DescriptorChain(head)
+        readable, writable = chain.readable, chain.writable
+        table, limit = self._desc, size
+        i, count, total = head, 0, 0
+        in_indirect = False
+        while True:
+            addr, length, flags, nxt = _DESC.unpack_from(table, DESC_SIZE * i)
+            if flags & VIRTQ_DESC_F_INDIRECT:
+                table, limit = self._indirect_table(addr, length, flags, in_indirect, count)
+                in_indirect, i = True, 0
+                continue
+            count += 1
+            if count > limit:
+                raise VirtQueueError(f"queue {self.index}: chain from head {head} is longer than "
+                                     f"{limit} descriptors (a loop?)")
+            if length:
+                total += length
+                try:
+                    if flags & VIRTQ_DESC_F_WRITE:
+                        writable.append(memory.view(addr, length, True))
+                        chain.writable_len += length
+                    else:
+                        if writable:
+                            raise VirtQueueError(f"queue {self.index}: chain from head {head} has a "
+                                                 "device-readable buffer after a device-writable one")
+                        readable.append(memory.view(addr, length))
+                        chain.readable_len += length
+                except GuestMemoryError as e:
+                    raise VirtQueueError(f"queue {self.index}: descriptor {i} of chain {head}: {e}") from None
+            if not flags & VIRTQ_DESC_F_NEXT:
+                break
+            if nxt >= limit:
+                raise VirtQueueError(f"queue {self.index}: descriptor {i} of chain {head} links to {nxt}, "
+                                     f"beyond the {limit} entries of its table")
+            i = nxt
+        if total > MAX_CHAIN_BYTES:
+            raise VirtQueueError(f"queue {self.index}: chain from head {head} has {total} bytes, over 4 GiB")
+        return chain
+
+    def _indirect_table(self, addr: int, length: int, flags: int, in_indirect: bool,
+                        count: int) -> tuple[memoryview, int]:
+        if not self.state.indirect:
+            raise VirtQueueError(f"queue {self.index}: indirect descriptor without VIRTIO_F_INDIRECT_DESC")
+        if in_indirect:
+            raise VirtQueueError(f"queue {self.index}: indirect descriptor inside an indirect table")
+        if count:
+            raise VirtQueueError(f"queue {self.index}: indirect descriptor that is not the head of its chain")
+        if flags & VIRTQ_DESC_F_NEXT:
+            raise VirtQueueError(f"queue {self.index}: indirect descriptor with VIRTQ_DESC_F_NEXT")
+        if length == 0 or length % DESC_SIZE:
+            raise VirtQueueError(f"queue {self.index}: indirect table length {length} is not a positive "
+                                 f"multiple of {DESC_SIZE}")
+        n = length // DESC_SIZE
+        if n > max(self.size, 1024):
+            raise VirtQueueError(f"queue {self.index}: indirect table of {n} descriptors is too long")
+        try:
+            return self.memory.view(addr, length), n
+        except GuestMemoryError as e:
+            raise VirtQueueError(f"queue {self.index}: indirect table: {e}") from None
+
+    def undo_pop(self) -> None:
+        """Give the last popped chain back (e.g. a receive buffer the device could not fill yet)."""
+        self.state.next_avail = (self.state.next_avail - 1) & 0xFFFF
+        self.state.popped -= 1
+
+    # --- device -> driver ------------------------------------------------------------------------------------
+    def push(self, chain: DescriptorChain, written: int) -> None:
+        """Return a chain to the driver through the used ring, with `written` bytes written into its buffers."""
+        self.fill(chain.head, min(max(written, 0), chain.writable_len), 0)
+        self.flush(1)
+
+    def fill(self, head: int, written: int, offset: int) -> None:
+        """Write a used element `offset` places after the current used index, without publishing it
+        (virtio-net's mergeable receive buffers publish several chains at once with `flush`)."""
+        slot = (self.state.next_used + offset) % self.size
+        _USED_ELEM.pack_into(self._used, 4 + 8 * slot, head, written)
+
+    def flush(self, count: int) -> None:
+        """Publish `count` used elements written by `fill`."""
+        st = self.state
+        st.next_used = (st.next_used + count) & 0xFFFF
+        st.pushed += count
+        _U16.pack_into(self._used, 2, st.next_used)
+
+    def should_notify(self) -> bool:
+        """Whether the driver wants an interrupt for the used buffers pushed since the last call."""
+        st = self.state
+        old, new = st.signalled_used, st.next_used
+        if old == new:
+            return False
+        st.signalled_used = new
+        if st.event_idx:
+            used_event = _U16.unpack_from(self._avail, self._used_event_off)[0]
+            return ((new - used_event - 1) & 0xFFFF) < ((new - old) & 0xFFFF)
+        return not _U16.unpack_from(self._avail, 0)[0] & VIRTQ_AVAIL_F_NO_INTERRUPT
+
+    # --- notification suppression for the driver -------------------------------------------------------------
+    def disable_notification(self) -> None:
+        """Ask the driver not to kick (the device is polling the queue anyway)."""
+        if not self.state.event_idx:
+            _U16.pack_into(self._used, 0, VIRTQ_USED_F_NO_NOTIFY)
+        # with event idx the device simply does not move avail_event forward
+
+    def enable_notification(self) -> bool:
+        """Ask the driver to kick for the next buffer; True if buffers arrived meanwhile (pop them first)."""
+        st = self.state
+        if st.event_idx:
+            _U16.pack_into(self._used, self._avail_event_off, st.next_avail)
+        else:
+            _U16.pack_into(self._used, 0, 0)
+        return self.avail_idx() != st.next_avail
