@@ -25,11 +25,11 @@ from pyhv.assets.protocol import INIT_RE, encode_command  # noqa: E402
 QEMU = "qemu-system-x86_64"
 
 
-def qemu(guest, initrd: Path, extra: list[str], machine: str) -> list[str]:
-    return [QEMU, "-accel", "tcg", *extra, "-M", machine, "-m", "128", "-display", "none", "-monitor", "none",
-            "-serial", "stdio", "-no-reboot", "-device", "isa-debug-exit,iobase=0xf4,iosize=4",
+def qemu(guest, initrd: Path, extra: list[str], machine: str, options: argparse.Namespace) -> list[str]:
+    return [QEMU, "-accel", "tcg", *extra, "-M", machine, "-m", options.memory, "-display", "none",
+            "-monitor", "none", "-serial", "stdio", "-no-reboot", "-device", "isa-debug-exit,iobase=0xf4,iosize=4",
             "-kernel", str(guest.bzimage), "-initrd", str(initrd),
-            "-append", "console=ttyS0 panic=-1 " + encode_command("true")]
+            "-append", f"console=ttyS0 panic=-1 {options.append} {encode_command('true')}"]
 
 
 def boot(args: list[str]) -> tuple[float | None, float | None, int]:
@@ -53,18 +53,20 @@ def main() -> int:
     p.add_argument("--runs", type=int, default=3)
     p.add_argument("--machine", default="q35", help="QEMU machine for the wall-time runs (default q35)")
     p.add_argument("--icount", action="store_true", help="also estimate instructions to the marker")
+    p.add_argument("--append", default="", help="more kernel options, e.g. pyhv's PVM ones (rodata=off ...)")
+    p.add_argument("--memory", "-m", default="128", help="guest RAM as QEMU's -m takes it (default 128 MiB)")
     args = p.parse_args()
     print(f"{'kernel':6} {'initramfs':10} {'to marker':>10} {'uptime':>7} {'status':>6}")
     for flavour in args.kernel or ["mini", "stock"]:
         guest = build_guest(flavour)
         for _ in range(args.runs):
-            wall, uptime, status = boot(qemu(guest, guest.initramfs, [], args.machine))
+            wall, uptime, status = boot(qemu(guest, guest.initramfs, [], args.machine, args))
             print(f"{flavour:6} {'.cpio.gz':10} {wall or float('nan'):9.2f}s {uptime or float('nan'):6.2f}s {status:6}")
         if args.icount:
             for name, initrd in ((".cpio.gz", guest.initramfs), (".cpio", guest.initramfs_uncompressed)):
                 machine = "microvm,acpi=off,rtc=on" if flavour == "mini" else "q35"
-                u0 = boot(qemu(guest, initrd, ["-icount", "shift=0,sleep=on"], machine))[1]
-                u6 = boot(qemu(guest, initrd, ["-icount", "shift=6,sleep=on"], machine))[1]
+                u0 = boot(qemu(guest, initrd, ["-icount", "shift=0,sleep=on"], machine, args))[1]
+                u6 = boot(qemu(guest, initrd, ["-icount", "shift=6,sleep=on"], machine, args))[1]
                 if u0 is None or u6 is None:
                     print(f"{flavour:6} {name:10} icount: no marker")
                     continue

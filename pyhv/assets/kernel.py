@@ -202,8 +202,9 @@ def mini_kernel(progress: Progress, force: bool = False, jobs: int | None = None
     """pyhv's small kernel: tinyconfig + mini-kernel.config from Debian's linux-source-6.1, built out of tree."""
     fragment_text = MINI_CONFIG.read_text()
     package = debian.resolve(SOURCE_PACKAGE, progress)
-    inputs = {"package": package.name, "version": package.version, "config": digest(fragment_text),
-              "recipe": MINI_RECIPE}
+    # The options, not the file's text, name the build: editing a comment rebuilds nothing.
+    inputs = {"package": package.name, "version": package.version,
+              "config": digest(sorted(parse_config(fragment_text).items())), "recipe": MINI_RECIPE}
     out = cache_subdir("kernel") / f"mini-{digest(inputs)}"
     if not force and (out / "vmlinux").exists() and (out / "release").exists():
         return Kernel("mini", (out / "release").read_text().strip(), out / "bzImage", out / "vmlinux", inputs)
