@@ -137,6 +137,8 @@ def build_parser() -> argparse.ArgumentParser:
     lifecycle.add_parsers(sub, _add_common)
     from pyhv.vhost import cli as vhost_cli
     _add_common(vhost_cli.add_parser(sub))
+    from pyhv.assets.cli import add_parser as add_guest_parser
+    add_guest_parser(sub)
     return parser
 
 

@@ -65,6 +65,28 @@ def pyhv_run():
     return run
 
 
+def _build_linux_guest(request, flavour: str):
+    """Builds (or finds in $PYHV_CACHE / ~/.cache/pyhv) a Linux guest, with its progress shown on the terminal."""
+    from pyhv.assets import build_guest
+    capture = request.config.pluginmanager.getplugin("capturemanager")
+    with capture.global_and_fixture_disabled():
+        return build_guest(flavour)
+
+
+@pytest.fixture(scope="session")
+def linux_guest(request):
+    """pyhv's small kernel + busybox initramfs (pyhv.assets.GuestAssets: bzimage, vmlinux, initramfs, kernel_release),
+    built once per run; a cold build takes minutes (see README, "Guest assets"). Console protocol:
+    pyhv.assets.protocol."""
+    return _build_linux_guest(request, "mini")
+
+
+@pytest.fixture(scope="session")
+def stock_guest(request):
+    """Debian's stock kernel + busybox initramfs with the virtio and e1000 modules (pyhv.assets.GuestAssets)."""
+    return _build_linux_guest(request, "stock")
+
+
 @dataclass
 class DomainFile:
     path: Path
