@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV   := .venv
 PY     := $(VENV)/bin/python
 
-.PHONY: run test deps bench clean compile
+.PHONY: run demo test deps bench clean compile
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -18,9 +18,15 @@ compile: $(VENV)/.installed
 deps:
 	scripts/install-deps
 
-# The default guest: until direct Linux boot lands, a real-mode test guest that prints a banner, then the exit
-# statistics.
-run: compile
+# The default guest: Debian's kernel (on PVM hosts a small kernel built from Debian's linux-source-6.1) with a
+# busybox initramfs, booted to a shell on this terminal (C-a x quits). The first run downloads the Debian packages
+# and builds the guest (a few minutes for the small kernel); later runs reuse the cache in ~/.cache/pyhv.
+run: compile deps
+	$(VENV)/bin/pyhv guest build
+	$(VENV)/bin/pyhv run --stats
+
+# The firmware demo: a real-mode test guest that prints a banner and what it sees of its machine, then resets.
+demo: compile
 	@gcc --version >/dev/null 2>&1 || scripts/install-deps
 	$(VENV)/bin/pyhv run --firmware "$$($(PY) tests/guests/build.py demo)" --stats
 

@@ -158,7 +158,31 @@ def config_from_args(args: argparse.Namespace) -> "VmConfig":
         drives=[DriveConfig.parse(d) for d in args.drive], nets=[NetConfig.parse(n) for n in args.nic],
         ioeventfd=not args.no_ioeventfd, msix=not args.no_msix,
     )
-    return apply_file(config, args).validate()
+    config = apply_file(config, args)
+    if config.kernel is None and config.firmware is None:
+        use_default_guest(config)
+    return config.validate()
+
+
+def use_default_guest(config: "VmConfig") -> None:
+    """No --kernel or --firmware: boot the Debian guest `pyhv guest build` made, to a shell on the console (the
+    small kernel on PVM hosts, where the stock one takes minutes; Debian's stock kernel elsewhere)."""
+    from pyhv.assets.guest import default_flavour, load_manifest
+    from pyhv.errors import GuestImageError
+    from pyhv.kvm import detect_flavour
+
+    flavour = default_flavour()
+    try:
+        assets = load_manifest(flavour)
+    except PyhvError as e:
+        raise GuestImageError(f"nothing to boot: no --kernel or --firmware, and the default Debian guest is not "
+                              f"built yet", f"run `pyhv guest build` first ({e.hint or e})") from None
+    config.kernel = str(assets.vmlinux if flavour == "mini" else assets.bzimage)
+    config.initrd = str(assets.initramfs_uncompressed)
+    logging.getLogger("pyhv").info("booting the default guest: %s kernel %s", flavour, assets.kernel_release)
+    if detect_flavour().is_pvm:
+        print("pyhv: this host's KVM is PVM: the guest kernel runs emulated (about 1 ms per system call), so the "
+              "shell is slow but real; user-mode programs run at native speed", file=sys.stderr)
 
 
 def cmd_run(args: argparse.Namespace) -> int:

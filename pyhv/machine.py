@@ -274,7 +274,10 @@ class Machine:
                 except UnsupportedInstruction as e:
                     log.debug("cannot complete %s: %s", code.hex(" "), e)
                 else:
-                    vcpu.stats.fallbacks[name] = vcpu.stats.fallbacks.get(name, 0) + 1
+                    count = vcpu.stats.fallbacks[name] = vcpu.stats.fallbacks.get(name, 0) + 1
+                    if count == 1:
+                        log.info("vCPU %d: KVM's emulator failed on %s: completed by pyhv; further ones are "
+                                 "counted in --stats", vcpu.id, name)
                     return True
         lines = [f"KVM internal error. Suberror: {internal.suberror}"]
         for i in range(min(internal.ndata, 16)):

@@ -17,6 +17,7 @@ PVM_KERNEL_OPTIONS = (
     "noxsave", "nofsgsbase", "noinvpcid", "nopcid", "mitigations=off", "tsc=reliable", "no_timer_check",
     "rodata=off", "cryptomgr.notests", "8250.nr_uarts=1",
     "rcupdate.rcu_cpu_stall_suppress=1",   # emulated kernel code is slow enough to look like a stall
+    "dis_ucode_ldr",                       # no microcode loading (impossible here) and no initrd scan for it
 )
 # Linux 6.1 parses clearcpuid= into a 128-byte buffer and silently drops the rest: keep this under 128 bytes.
 PVM_CLEARCPUID = ("erms,fsrm,popcnt,smap,rdpid,serialize,ssse3,sse4_1,sse4_2,aes,pclmulqdq,sha_ni,movbe,bmi1,bmi2,"
@@ -56,6 +57,8 @@ def pvm_cmdline(cmdline: str, tsc_khz: int | None) -> tuple[str, list[str]]:
     keys = {w.split("=", 1)[0] for w in words}
     wanted = list(PVM_KERNEL_OPTIONS) + [f"clearcpuid={PVM_CLEARCPUID}"]
     if tsc_khz:
+        # the TSC rate from KVM: no calibration against the PIT, which fails when emulated (TSC marked unstable)
+        wanted.append(f"tsc_early_khz={tsc_khz}")
         wanted.append(f"lpj={tsc_khz * 1000 // 250}")   # skip the (emulated) delay-loop calibration; HZ=250
     added = [w for w in wanted if w.split("=", 1)[0] not in keys]
     return " ".join([cmdline] + added if cmdline else added), added
