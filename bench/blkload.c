@@ -4,11 +4,14 @@
  *
  * O_DIRECT on the device; sequential modes use 1 MiB blocks, randread 4 KiB blocks at random aligned offsets.
  * DEPTH requests are kept in flight with Linux native AIO (io_submit/io_getevents, raw system calls, no
- * libaio). Prints one line: RESULT mode depth block bytes ops seconds. Built static by bench/vhost_blk.py.
+ * libaio), or, on a kernel without AIO (the project's mini kernel), by DEPTH threads doing synchronous I/O.
+ * Prints one line: RESULT mode depth block bytes ops seconds. Built static by bench/vhost_blk.py.
  */
 #define _GNU_SOURCE
 #include <fcntl.h>
+#include <errno.h>
 #include <linux/aio_abi.h>
+#include <pthread.h>
 #include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -33,6 +36,58 @@ static uint64_t xorshift(void) {
     return rng_state;
 }
 
+struct worker {
+    int fd, write, random;
+    size_t block;
+    uint64_t blocks, ops, seed;
+    double end;
+    char *buf;
+};
+
+static void *work(void *arg) {
+    struct worker *w = arg;
+    uint64_t next = w->seed * 97;
+    while (now() < w->end) {
+        uint64_t blk;
+        if (w->random) {
+            w->seed ^= w->seed << 13; w->seed ^= w->seed >> 7; w->seed ^= w->seed << 17;
+            blk = w->seed % w->blocks;
+        } else {
+            blk = next++ % w->blocks;
+        }
+        ssize_t n = w->write ? pwrite(w->fd, w->buf, w->block, blk * w->block)
+                             : pread(w->fd, w->buf, w->block, blk * w->block);
+        if (n != (ssize_t)w->block) { perror("blkload: I/O"); exit(1); }
+        w->ops++;
+    }
+    return NULL;
+}
+
+/* without AIO: DEPTH threads, each with one synchronous request in flight */
+static int threaded(int fd, int write, int random, size_t block, uint64_t blocks, int depth, double seconds,
+                    const char *mode) {
+    pthread_t *threads = calloc(depth, sizeof *threads);
+    struct worker *w = calloc(depth, sizeof *w);
+    double start = now();
+    for (int i = 0; i < depth; i++) {
+        w[i] = (struct worker){fd, write, random, block, blocks, 0, 88172645463325252ULL + i * 7919, start + seconds,
+                               NULL};
+        if (posix_memalign((void **)&w[i].buf, 4096, block)) return 1;
+        memset(w[i].buf, 0x5a, block);
+        pthread_create(&threads[i], NULL, work, &w[i]);
+    }
+    uint64_t ops = 0;
+    for (int i = 0; i < depth; i++) {
+        pthread_join(threads[i], NULL);
+        ops += w[i].ops;
+    }
+    double elapsed = now() - start;
+    if (write) fsync(fd);
+    printf("RESULT %s %d %zu %llu %llu %.3f\n", mode, depth, block, (unsigned long long)(ops * block),
+           (unsigned long long)ops, elapsed);
+    return 0;
+}
+
 int main(int argc, char **argv) {
     if (argc < 4) {
         fprintf(stderr, "usage: blkload seqread|seqwrite|randread DEVICE SECONDS [DEPTH] [BLOCK]\n");
@@ -54,7 +109,12 @@ int main(int argc, char **argv) {
     uint64_t blocks = size / block;
 
     aio_context_t ctx = 0;
-    if (syscall(SYS_io_setup, depth, &ctx) < 0) { perror("io_setup"); return 1; }
+    if (syscall(SYS_io_setup, depth, &ctx) < 0) {
+        if (errno == ENOSYS)
+            return threaded(fd, write, random, block, blocks, depth, seconds, mode);
+        perror("io_setup");
+        return 1;
+    }
     struct iocb *cbs = calloc(depth, sizeof *cbs);
     struct iocb **ptrs = calloc(depth, sizeof *ptrs);
     struct io_event *events = calloc(depth, sizeof *events);

@@ -3,7 +3,8 @@
 
 QEMU (TCG, q35) boots the project's Linux test guest with `vhost-user-blk-pci` on one back end or the other; in the
 guest, `blkload` (bench/blkload.c, built static here and appended to the initramfs as a second cpio archive) runs
-sequential 1 MiB reads and writes and 4 KiB random reads at queue depth 1 and 32, O_DIRECT on /dev/vda. Runs are
+sequential 1 MiB reads and writes and 4 KiB random reads at queue depth 1 and 32, O_DIRECT on /dev/vda (Linux AIO,
+or one thread per outstanding request on a kernel without AIO, like the project's mini kernel). Runs are
 interleaved (pyhv, qsd, pyhv, qsd, ...) and the best of the rounds is reported for each back end, with ratios.
 
     python3 bench/vhost_blk.py [--rounds 3] [--seconds 4] [--size 512M] [--kernel K --initrd I]
@@ -112,8 +113,8 @@ def main() -> int:
     kernel, initrd = guest_assets(args)
     with tempfile.TemporaryDirectory(prefix="pyhv-bench-") as tmpdir:
         tmp = Path(tmpdir)
-        subprocess.run(["gcc", "-O2", "-static", "-o", str(tmp / "blkload"), str(ROOT / "bench" / "blkload.c")],
-                       check=True)
+        subprocess.run(["gcc", "-O2", "-static", "-o", str(tmp / "blkload"), str(ROOT / "bench" / "blkload.c"),
+                        "-lpthread"], check=True)
         build_initrd(initrd, tmp / "blkload", tmp / "initrd")
         guest = type("Guest", (), {"bzimage": kernel, "initramfs": tmp / "initrd"})
         image = tmp / "disk.raw"
@@ -122,6 +123,8 @@ def main() -> int:
             chunk = os.urandom(1 << 20)
             for _ in range(size >> 20):
                 f.write(chunk)
+            f.flush()
+            os.fsync(f.fileno())                      # no write-back of the image during the measurements
         best: dict[str, dict] = {"pyhv": {}, "qsd": {}}
         for r in range(args.rounds):
             for kind in ("pyhv", "qsd"):

@@ -183,40 +183,48 @@ class VcpuThread:
         by_reason = stats.by_reason
         by_port = stats.by_port
         by_mmio = stats.by_mmio
-        run_cell = stats.run
-        io_cell = by_reason[C.KVM_EXIT_IO]
-        mmio_cell = by_reason[C.KVM_EXIT_MMIO]
+        intr_cell = by_reason[C.KVM_EXIT_INTR]
         accounting = self.accounting
         handlers = self.exit_handlers
         reason_off = KVM_RUN_EXIT_REASON
         data_off = KVM_RUN_EXIT_DATA
         mmio_data = _MMIO_DATA
+        io_view = io_space.view                                # the port table, refreshed when the view changes
+        port_table = io_view.port_table
         mmio_view = mmio_range = None                          # one-entry cache of the last MMIO range
         mmio_start = mmio_end = 0
         pre_exit = self.pre_exit
         if self.on_first_run is not None:
             self.on_first_run()
-        t_done = clock()
+        t_done = t_exit = clock()
+        # Accounting: each exit adds to one cell [count, ns handling it, ns inside KVM_RUN before it].
         while True:
             ret = ioctl(fd, KVM_RUN, 0)
             if accounting:
                 t_exit = clock()
-                run_cell[0] += 1
-                run_cell[1] += t_exit - t_done
             if pre_exit is not None:
                 pre_exit()
             if ret < 0:
                 err = get_errno()
                 if err != errno.EINTR and err != errno.EAGAIN:
                     raise OSError(err, f"KVM_RUN: {errno.errorcode.get(err, err)}")
-                if not self._serve_requests():
+                keep_going = self._serve_requests()
+                if accounting:
+                    t = clock()
+                    intr_cell[0] += 1
+                    intr_cell[1] += t - t_exit
+                    intr_cell[2] += t_exit - t_done
+                    t_done = t
+                if not keep_going:
                     return
-                t_done = clock()
                 continue
             reason = run[reason_off]
             if reason == 2:                                    # KVM_EXIT_IO
                 out, size, port, count, off = unpack_io(run, data_off)
-                fr = io_space.view.port_table[port]
+                if io_space.view is not io_view:
+                    io_view = io_space.view
+                    port_table = io_view.port_table
+                fr = port_table[port]
                 if count == 1 and port + size <= fr.end:
                     if out:
                         fr.write(port, size, run[off] if size == 1 else int.from_bytes(run[off:off + size], "little"))
@@ -227,15 +235,14 @@ class VcpuThread:
                 else:
                     self._pio_general(out, size, port, count, off)
                 if accounting:
-                    t_done = clock()
-                    dt = t_done - t_exit
-                    io_cell[0] += 1
-                    io_cell[1] += dt
+                    t = clock()
                     cell = by_port.get(port)
                     if cell is None:
-                        cell = by_port[port] = [0, 0]
+                        cell = by_port[port] = [0, 0, 0]
                     cell[0] += 1
-                    cell[1] += dt
+                    cell[1] += t - t_exit
+                    cell[2] += t_exit - t_done
+                    t_done = t
             elif reason == 6:                                  # KVM_EXIT_MMIO
                 addr, data, length, is_write = unpack_mmio(run, data_off)
                 view = mem_space.view
@@ -256,16 +263,14 @@ class VcpuThread:
                 else:
                     run[mmio_data:mmio_data + length] = mem_space.read(addr, length).to_bytes(length, "little")
                 if accounting:
-                    t_done = clock()
-                    dt = t_done - t_exit
-                    mmio_cell[0] += 1
-                    mmio_cell[1] += dt
-                    key = fr.region
-                    cell = by_mmio.get(key)
+                    t = clock()
+                    cell = by_mmio.get(fr.region)
                     if cell is None:
-                        cell = by_mmio[key] = [0, 0]
+                        cell = by_mmio[fr.region] = [0, 0, 0]
                     cell[0] += 1
-                    cell[1] += dt
+                    cell[1] += t - t_exit
+                    cell[2] += t_exit - t_done
+                    t_done = t
             else:
                 if reason == C.KVM_EXIT_INTR:
                     keep_going = self._serve_requests()
@@ -273,12 +278,12 @@ class VcpuThread:
                     handler = handlers.get(reason) or handlers.get(None)
                     keep_going = handler(self, reason) if handler else False
                 if accounting:
-                    t_done = clock()
+                    t = clock()
                     cell = by_reason[reason if reason < len(by_reason) else 0]
                     cell[0] += 1
-                    cell[1] += t_done - t_exit
-                else:
-                    t_done = 0
+                    cell[1] += t - t_exit
+                    cell[2] += t_exit - t_done
+                    t_done = t
                 if not keep_going:
                     return
 

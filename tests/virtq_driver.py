@@ -20,6 +20,11 @@ class FakeMemory:
             raise GuestMemoryError(f"{gpa:#x}+{length:#x} outside fake RAM")
         return memoryview(self.buf)[gpa - self.base:gpa - self.base + length]
 
+    def span(self, gpa: int):
+        if self.base <= gpa < self.base + len(self.buf):
+            return self.base, self.base + len(self.buf), memoryview(self.buf), False
+        return None
+
     def read(self, gpa: int, length: int) -> bytes:
         return bytes(self.view(gpa, length))
 

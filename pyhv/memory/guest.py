@@ -46,6 +46,16 @@ class GuestMemory:
         view, off = self._find(gpa, length, write)
         return view[off:off + length]
 
+    def span(self, gpa: int) -> tuple[int, int, memoryview, bool] | None:
+        """The contiguous RAM range holding gpa: (start, end, its bytes, read-only?), or None (for callers that
+        slice many buffers from one range, like the virtqueue)."""
+        i = bisect_right(self._starts, gpa) - 1
+        if i >= 0:
+            start, end, view, readonly = self._ranges[i]
+            if gpa < end:
+                return start, end, view, readonly
+        return None
+
     def contains(self, gpa: int, length: int) -> bool:
         try:
             self._find(gpa, length, False)

@@ -40,7 +40,8 @@ def add_parser(sub) -> argparse.ArgumentParser:
                      help="none: O_DIRECT, bypassing the host page cache (default: writeback)")
     blk.add_argument("--serial", help="serial number the guest reads (up to 20 bytes)")
     blk.add_argument("--num-queues", type=int, default=1, metavar="N", help="request queues (default: 1)")
-    blk.add_argument("--queue-size", type=int, default=256, metavar="N", help="largest queue size (default: 256)")
+    blk.add_argument("--queue-size", type=int, default=1024, metavar="N",
+                     help="largest queue size; seg_max is 2 less (default: 1024)")
     net = p.add_argument_group("net")
     net.add_argument("--tap", metavar="NAME", help="tap interface to attach (created if missing)")
     net.add_argument("--mac", help="MAC address in the device's configuration space")

@@ -112,6 +112,15 @@ class VhostMemoryMap:
                 return r.view[off:off + length]
         raise GuestMemoryError(f"guest-physical range {gpa:#x}+{length:#x} is not in the shared memory")
 
+    def span(self, gpa: int) -> tuple[int, int, memoryview, bool] | None:
+        """The region holding gpa: (start, end, its bytes, read-only?), or None."""
+        i = bisect_right(self._starts, gpa) - 1
+        if i >= 0:
+            r = self.regions[i]
+            if gpa < r.end:
+                return r.gpa, r.end, r.view, False
+        return None
+
     def uaddr_to_gpa(self, uaddr: int, length: int) -> int:
         """Translate a front-end user address range (ring addresses) to a guest-physical address."""
         for r in self.regions:

@@ -61,7 +61,7 @@ SECTOR = 512
 OUT_HDR = struct.Struct("<IIQ")             # type, reserved, sector
 DISCARD_SEG = struct.Struct("<QII")         # sector, num_sectors, flags
 
-DEFAULT_QUEUE_SIZE = 256
+DEFAULT_QUEUE_SIZE = 1024                   # seg_max 1022: a 1 MiB request of 4 KiB pages needs 256
 SIZE_MAX = 1 << 22                          # largest single segment the driver may use
 MAX_DISCARD_SECTORS = (1 << 32) // SECTOR - 1
 MAX_DISCARD_SEG = 32
@@ -176,10 +176,13 @@ class BlkImage:
     @staticmethod
     def _rw_all(fd: int, op, views: list[memoryview], offset: int) -> None:
         while views:
-            n = op(fd, views[:IOV_MAX], offset)
+            batch = views if len(views) <= IOV_MAX else views[:IOV_MAX]
+            n = op(fd, batch, offset)
             if n <= 0:
                 raise OSError(errno.EIO, f"short transfer at offset {offset}")
             offset += n
+            if batch is views and n == sum(map(len, views)):
+                return                          # the usual case: all of it in one call
             views = split_views(views, n)[1]
 
     def flush(self) -> None:
@@ -275,13 +278,15 @@ class VirtioBlk(VirtioDevice):
             return 0
         last = chain.writable[-1]
         status_view = last[len(last) - 1:]
-        data_in = split_views(chain.writable, chain.writable_len - 1)[0]
         in_len = chain.writable_len - 1
+        # the status byte usually has a descriptor of its own
+        data_in = chain.writable[:-1] if len(last) == 1 else split_views(chain.writable, in_len)[0]
         if chain.readable_len < OUT_HDR.size:
             self.warn_once("short-header", "request with a %d-byte header", chain.readable_len)
             return self._status(status_view, VIRTIO_BLK_S_IOERR)
         rtype, _, sector = OUT_HDR.unpack(gather(chain.readable, OUT_HDR.size))
-        data_out = split_views(chain.readable, OUT_HDR.size)[1]
+        first = chain.readable[0]
+        data_out = chain.readable[1:] if len(first) == OUT_HDR.size else split_views(chain.readable, OUT_HDR.size)[1]
         out_len = chain.readable_len - OUT_HDR.size
         try:
             if rtype == VIRTIO_BLK_T_IN:

@@ -33,6 +33,14 @@ Set by the transport (hooks the device calls)
 Devices that need their own file descriptors watched (a tap, a completion eventfd) get the `IoThread` passed to
 their constructor and register them in `activate`, unregister them in `reset`. All queue processing of a device
 runs under its lock, so a kick on the I/O thread and a reset from a vCPU thread never interleave.
+
+Two refinements for vhost-user:
+- the vhost-user back-end server starts rings one at a time: it activates the device with `None` for every
+  queue and then sets `device.queues[i]` (under `device.lock`) as each ring starts or stops;
+- a device whose data plane is another process (`pyhv.vhost.frontend.VhostUserFrontend`) sets the class
+  attribute `external_data_plane = True`; the transport then does not read its kick eventfds itself but calls
+  `attach_notifiers(kick_fds or None, call_fd_for)` once, where `call_fd_for(queue_index)` returns the eventfd
+  that interrupts the guest for that queue without Python (an MSI-X irqfd) or None.
 """
 from __future__ import annotations
 

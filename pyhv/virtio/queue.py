@@ -9,7 +9,9 @@
     if q.enable_notification(): ...            # True: the driver added buffers meanwhile, pop again
 
 `memory` is anything with `view(gpa, length, write=False) -> memoryview` that raises `GuestMemoryError` for a
-range outside RAM: pyhv's `GuestMemory`, or the vhost-user back end's map of the front end's memory.
+range outside RAM: pyhv's `GuestMemory`, or the vhost-user back end's map of the front end's memory. If it also
+has `span(gpa) -> (start, end, view, readonly) | None` (the contiguous range holding gpa), buffers inside the
+range of the previous one are sliced directly (a chain of 256 pages costs one lookup, not 256).
 
 Everything the driver wrote is checked before the device sees it: ring addresses and alignment, the available
 index (never more than `size` ahead of the device), descriptor indices, chain length (a loop in the descriptor
@@ -23,14 +25,17 @@ Buffers are zero-copy memoryviews into guest memory, so the device can pass them
 socket directly. The queue reads each descriptor exactly once, so a driver changing the table under the device
 cannot make a checked value differ from the used one.
 
-Memory ordering: x86 keeps stores in order and loads in order, which the ring protocol needs; the store of the
-used index and the later load of used_event (event idx) are separated by enough interpreter work that the store
-has left the store buffer.
+Memory ordering: x86 keeps stores in order and loads in order, which the ring protocol needs, but may let a load
+pass an earlier store. Where the protocol needs a full barrier (store the used index, then load used_event or the
+avail flags; store avail_event, then load the avail index) `full_barrier()` issues one: acquiring an uncontended
+lock is a locked read-modify-write, a full fence on x86. Without it the device and the driver can each miss the
+other's update and neither notifies: a ring that stalls for good.
 """
 from __future__ import annotations
 
 import logging
 import struct
+import threading
 from dataclasses import dataclass, field
 
 from pyhv.memory.guest import GuestMemoryError
@@ -52,6 +57,15 @@ MAX_CHAIN_BYTES = 1 << 32
 _DESC = struct.Struct("<QIHH")          # addr, len, flags, next
 _U16 = struct.Struct("<H")
 _USED_ELEM = struct.Struct("<II")       # id, len
+
+
+_fence = threading.Lock()
+
+
+def full_barrier() -> None:
+    """A full memory barrier (the lock's atomic read-modify-write)."""
+    _fence.acquire()
+    _fence.release()
 
 
 class VirtQueueError(Exception):
@@ -154,6 +168,8 @@ class VirtQueue:
             self._used = memory.view(used_addr, 6 + 8 * size, write=True)
         except GuestMemoryError as e:
             raise VirtQueueError(f"queue {index}: ring outside guest memory: {e}") from None
+        # optional fast path: memory.span(gpa) -> (start, end, view, readonly) of the RAM range holding gpa
+        self._span = getattr(memory, "span", None)
         self._used_event_off = 4 + 2 * size
         self._avail_event_off = 4 + 8 * size
 
@@ -183,16 +199,29 @@ class VirtQueue:
         size = self.size
         if head >= size:
             raise VirtQueueError(f"queue {self.index}: head descriptor index {head} is not below the size {size}")
-        memory = self.memory
+        view, span = self.memory.view, self._span
+        lo = hi = 0                         # the last RAM range a buffer fell in (from `span`): [lo, hi)
+        base: memoryview | None = None
+        writable_range = False
+        run_start = run_end = run_lo = -1           # the buffer being extended by adjacent descriptors
+        run_write = 0
         chain = DescriptorChain(head)
         readable, writable = chain.readable, chain.writable
-        table, limit = self._desc, size
-        i, count, total = head, 0, 0
+        desc = self._desc
+        fetch = lambda i: _DESC.unpack_from(desc, DESC_SIZE * i)   # noqa: E731
+        limit = size
+        i, count, rlen, wlen = head, 0, 0, 0
         in_indirect = False
         while True:
-            addr, length, flags, nxt = _DESC.unpack_from(table, DESC_SIZE * i)
+            addr, length, flags, nxt = fetch(i)
             if flags & VIRTQ_DESC_F_INDIRECT:
                 table, limit = self._indirect_table(addr, length, flags, in_indirect, count)
+                raw = bytes(table)                                     # the table read once, as a whole
+                if span is not None:
+                    fast = self._linear_chain(head, raw, span)
+                    if fast is not None:
+                        return fast
+                fetch = list(_DESC.iter_unpack(raw)).__getitem__
                 in_indirect, i = True, 0
                 continue
             count += 1
@@ -200,28 +229,80 @@ class VirtQueue:
                 raise VirtQueueError(f"queue {self.index}: chain from head {head} is longer than "
                                      f"{limit} descriptors (a loop?)")
             if length:
-                total += length
-                try:
-                    if flags & VIRTQ_DESC_F_WRITE:
-                        writable.append(memory.view(addr, length, True))
-                        chain.writable_len += length
+                write = flags & VIRTQ_DESC_F_WRITE
+                if not write and writable:
+                    raise VirtQueueError(f"queue {self.index}: chain from head {head} has a "
+                                         "device-readable buffer after a device-writable one")
+                if not (lo <= addr and addr + length <= hi and (writable_range or not write)):
+                    found = span(addr) if span is not None else None
+                    if found is not None:
+                        lo, hi, base, readonly = found
+                        writable_range = not readonly
+                bufs = writable if write else readable
+                if lo <= addr and addr + length <= hi and (writable_range or not write):
+                    if addr == run_end and write == run_write and lo == run_lo:
+                        # continues the previous buffer in memory: one longer view (fewer iovecs)
+                        bufs[-1] = base[run_start - lo:addr - lo + length]
                     else:
-                        if writable:
-                            raise VirtQueueError(f"queue {self.index}: chain from head {head} has a "
-                                                 "device-readable buffer after a device-writable one")
-                        readable.append(memory.view(addr, length))
-                        chain.readable_len += length
-                except GuestMemoryError as e:
-                    raise VirtQueueError(f"queue {self.index}: descriptor {i} of chain {head}: {e}") from None
+                        bufs.append(base[addr - lo:addr - lo + length])   # a slice of the known range
+                        run_start, run_lo, run_write = addr, lo, write
+                    run_end = addr + length
+                else:
+                    try:
+                        bufs.append(view(addr, length, bool(write)))
+                    except GuestMemoryError as e:
+                        raise VirtQueueError(f"queue {self.index}: descriptor {i} of chain {head}: {e}") from None
+                    run_end = -1
+                if write:
+                    wlen += length
+                else:
+                    rlen += length
             if not flags & VIRTQ_DESC_F_NEXT:
                 break
             if nxt >= limit:
                 raise VirtQueueError(f"queue {self.index}: descriptor {i} of chain {head} links to {nxt}, "
                                      f"beyond the {limit} entries of its table")
             i = nxt
-        if total > MAX_CHAIN_BYTES:
-            raise VirtQueueError(f"queue {self.index}: chain from head {head} has {total} bytes, over 4 GiB")
+        if rlen + wlen > MAX_CHAIN_BYTES:
+            raise VirtQueueError(f"queue {self.index}: chain from head {head} has {rlen + wlen} bytes, over 4 GiB")
+        chain.readable_len, chain.writable_len = rlen, wlen
         return chain
+
+    @staticmethod
+    def _linear_chain(head: int, raw: bytes, span) -> DescriptorChain | None:
+        """The common indirect table (`raw`, a copy), checked with whole-list operations: entries 0..n-1 linked in
+        order, readable then writable buffers, all in one RAM range, no other flag bits. None when it is anything
+        else (the general walk then checks it descriptor by descriptor and gives the precise error)."""
+        table = memoryview(raw)
+        addrs = table.cast("Q")[0::2].tolist()      # struct virtq_desc: addr u64, len u32, flags u16, next u16
+        lens = table.cast("I")[2::4].tolist()
+        flags = table.cast("H")[6::8].tolist()
+        nexts = table.cast("H")[7::8].tolist()
+        n, last = len(flags), flags[-1]
+        linked, linked_w = VIRTQ_DESC_F_NEXT, VIRTQ_DESC_F_NEXT | VIRTQ_DESC_F_WRITE
+        if not set(flags[:-1]) <= {linked, linked_w} or last not in (0, VIRTQ_DESC_F_WRITE) \
+                or nexts[:-1] != list(range(1, n)):
+            return None                             # not the whole table linked in order, or other flags
+        if linked_w in flags:
+            w = flags.index(linked_w)
+            if linked in flags[w:] or last != VIRTQ_DESC_F_WRITE:
+                return None                         # a readable buffer after a writable one
+        else:
+            w = n - 1 if last == VIRTQ_DESC_F_WRITE else n
+        found = span(min(addrs))
+        if found is None:
+            return None
+        lo, hi, base, readonly = found
+        if readonly and w < n:
+            return None
+        rlen, wlen = sum(lens[:w]), sum(lens[w:])
+        if rlen + wlen > MAX_CHAIN_BYTES:
+            return None
+        readable = [base[a - lo:a - lo + k] for a, k in zip(addrs[:w], lens[:w]) if k]
+        writable = [base[a - lo:a - lo + k] for a, k in zip(addrs[w:], lens[w:]) if k]
+        if sum(map(len, readable)) != rlen or sum(map(len, writable)) != wlen:
+            return None                             # some buffer ran past the range (its slice came out short)
+        return DescriptorChain(head, readable, writable, rlen, wlen)
 
     def _indirect_table(self, addr: int, length: int, flags: int, in_indirect: bool,
                         count: int) -> tuple[memoryview, int]:
@@ -275,6 +356,7 @@ class VirtQueue:
         if old == new:
             return False
         st.signalled_used = new
+        full_barrier()                      # the used index is visible before we read the driver's wish
         if st.event_idx:
             used_event = _U16.unpack_from(self._avail, self._used_event_off)[0]
             return ((new - used_event - 1) & 0xFFFF) < ((new - old) & 0xFFFF)
@@ -294,4 +376,5 @@ class VirtQueue:
             _U16.pack_into(self._used, self._avail_event_off, st.next_avail)
         else:
             _U16.pack_into(self._used, 0, 0)
+        full_barrier()                      # the driver sees our wish before we look at its index once more
         return self.avail_idx() != st.next_avail

@@ -284,3 +284,71 @@ def test_bad_ring_setup(mem, kwargs, match):
     args = dict(size=16, desc_addr=0x1000, avail_addr=0x2000, used_addr=0x3000) | kwargs
     with pytest.raises(VirtQueueError, match=match):
         VirtQueue(0, args["size"], mem, args["desc_addr"], args["avail_addr"], args["used_addr"])
+
+
+def test_adjacent_buffers_become_one_view(mem):
+    d = RingDriver(mem)
+    q = d.queue()
+    mem.write(0x20000, b"abcdefgh")
+    d.write_desc(0, 0x20000, 4, VIRTQ_DESC_F_NEXT, 1)
+    d.write_desc(1, 0x20004, 4, VIRTQ_DESC_F_NEXT, 2)             # right after the first: merged
+    d.write_desc(2, 0x30000, 8, VIRTQ_DESC_F_WRITE | VIRTQ_DESC_F_NEXT, 3)
+    d.write_desc(3, 0x30008, 8, VIRTQ_DESC_F_WRITE | VIRTQ_DESC_F_NEXT, 4)   # merged too
+    d.write_desc(4, 0x30020, 1, VIRTQ_DESC_F_WRITE)               # a gap: a buffer of its own
+    d.publish(0)
+    chain = q.pop()
+    assert [bytes(v) for v in chain.readable] == [b"abcdefgh"]
+    assert [len(v) for v in chain.writable] == [16, 1]
+    assert chain.readable_len == 8 and chain.writable_len == 17
+
+
+def test_write_into_read_only_memory_is_refused():
+    class RomMemory(FakeMemory):          # RAM whose first 64 KiB are read-only (like a shadowed ROM)
+        def span(self, gpa):
+            if gpa < 0x10000:
+                return 0, 0x10000, memoryview(self.buf)[:0x10000], True
+            return super().span(gpa)
+
+        def view(self, gpa, length, write=False):
+            if write and gpa < 0x10000:
+                from pyhv.memory.guest import GuestMemoryError
+                raise GuestMemoryError("write to read-only memory")
+            return super().view(gpa, length, write)
+    mem = RomMemory()
+    d = RingDriver(mem, desc=0x11000, avail=0x12000, used=0x13000, heap=0x20000)
+    q = d.queue()
+    d.write_desc(0, 0x8000, 4, 0, 0)                               # reading ROM is fine
+    d.publish(0)
+    assert q.pop().readable_len == 4
+    d.write_desc(1, 0x8000, 4, VIRTQ_DESC_F_WRITE, 0)
+    _pop_fails(d, q, 1, "read-only")
+
+
+def _linear_table(d: RingDriver, entries) -> int:
+    """An indirect table laid out as Linux does (entry i links to i + 1); entries are (addr, len, flags)."""
+    table, _ = d.alloc(16 * len(entries))
+    for k, (addr, length, flags) in enumerate(entries):
+        d.write_desc(k, addr, length, flags, k + 1, table=table)
+    d.write_desc(0, table, 16 * len(entries), VIRTQ_DESC_F_INDIRECT)
+    return 0
+
+
+def test_indirect_chain_ends_at_the_first_entry_without_next(mem):
+    d = RingDriver(mem)
+    q = d.queue()
+    head = _linear_table(d, [(0x20000, 4, VIRTQ_DESC_F_NEXT), (0x20010, 4, 0),          # the chain ends here
+                             (0x20020, 4, VIRTQ_DESC_F_WRITE)])                        # not part of it
+    d.publish(head)
+    chain = q.pop()
+    assert chain.readable_len == 8 and chain.writable_len == 0
+
+
+@pytest.mark.parametrize("entries,match", [
+    ([(0x20000, 4, VIRTQ_DESC_F_WRITE | VIRTQ_DESC_F_NEXT), (0x20010, 4, 0)], "readable buffer after"),
+    ([(0x20000, 4, VIRTQ_DESC_F_NEXT), ((1 << 20) - 2, 4, VIRTQ_DESC_F_WRITE)], "outside"),
+    ([(0x20000, 4, VIRTQ_DESC_F_NEXT), (0x20010, 16, VIRTQ_DESC_F_INDIRECT)], "inside an indirect"),
+    ([(0x20000, 4, VIRTQ_DESC_F_NEXT)] * 3, "beyond the 3 entries"),
+])
+def test_hostile_linear_indirect_tables(mem, entries, match):
+    d = RingDriver(mem)
+    _pop_fails(d, d.queue(), _linear_table(d, entries), match)
