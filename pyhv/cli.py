@@ -13,7 +13,7 @@ import sys
 from typing import Sequence
 
 from pyhv import __version__
-from pyhv.errors import PyhvError
+from pyhv.errors import ConfigError, PyhvError
 
 EXIT_USAGE = 2
 
@@ -160,6 +160,8 @@ def config_from_args(args: argparse.Namespace) -> "VmConfig":
     )
     config = apply_file(config, args)
     if config.kernel is None and config.firmware is None:
+        if config.initrd:
+            raise ConfigError("--initrd needs --kernel", "the default guest brings its own initramfs")
         use_default_guest(config)
     return config.validate()
 
