@@ -102,8 +102,8 @@ def _add_run_options(p: argparse.ArgumentParser) -> None:
     behaviour.add_argument("--log-post", action="store_true", help="log each POST code written to port 0x80")
     behaviour.add_argument("--profile-guest", metavar="HZ", type=float, nargs="?", const=100.0,
                            help="sample the vCPUs' instruction pointers (default 100 Hz) and print the guest "
-                                "kernel functions they were in at exit (symbols from an ELF --kernel or "
-                                "--system-map)")
+                                "kernel functions they were in at exit, and those on the sampled stacks (symbols "
+                                "from an ELF --kernel, a vmlinux or System.map beside a bzImage, or --system-map)")
     behaviour.add_argument("--system-map", metavar="FILE", help="kernel symbols for --profile-guest")
     behaviour.add_argument("--pvm-syscall-fix", choices=("auto", "on", "off"), default="auto",
                            help="repair SYSCALL from guest user mode, which PVM hosts leave at CPL 3 "
@@ -179,7 +179,7 @@ def use_default_guest(config: "VmConfig") -> None:
     except PyhvError as e:
         raise GuestImageError(f"nothing to boot: no --kernel or --firmware, and the default Debian guest is not "
                               f"built yet", f"run `pyhv guest build` first ({e.hint or e})") from None
-    config.kernel = str(assets.vmlinux if flavour == "mini" else assets.bzimage)
+    config.kernel = str(assets.bzimage)        # the 64-bit boot protocol: it carries an RNG seed, PVH does not
     config.initrd = str(assets.initramfs_uncompressed)
     logging.getLogger("pyhv").info("booting the default guest: %s kernel %s", flavour, assets.kernel_release)
     if detect_flavour().is_pvm:
@@ -201,9 +201,9 @@ def cmd_run(args: argparse.Namespace) -> int:
             print(machine.dump_mtree())
             return 0
         if args.profile_guest:
-            from pyhv.profiler import GuestProfiler, elf_symbols, system_map_symbols
+            from pyhv.profiler import GuestProfiler, kernel_symbols, system_map_symbols
             symbols = (system_map_symbols(args.system_map) if args.system_map
-                       else elf_symbols(config.kernel) if config.kernel else [])
+                       else kernel_symbols(config.kernel) if config.kernel else [])
             profiler = GuestProfiler(machine, args.profile_guest, symbols)
             profiler.start()
         hooks.start()

@@ -4,11 +4,17 @@ The I/O thread kicks each vCPU out of KVM_RUN at a fixed rate and records its RI
 samples are folded into the kernel's functions (from the ELF symbol table of the `--kernel` vmlinux, or a
 System.map). Costs one exit per sample; meant for finding what to cut when a boot is slow, e.g. on PVM hosts
 where every guest kernel instruction is emulated.
+
+Kernels built without frame pointers cannot be unwound from outside, so callers are guessed the way Linux's own
+"guess" unwinder does: every word of the sampled kernel stack that points into kernel text counts for the function
+it points into. The inclusive list that results has some stale entries, but it shows which paths the time is spent
+under (which the leaf functions alone often do not).
 """
 from __future__ import annotations
 
 import bisect
 import logging
+import os
 import struct
 from collections import Counter
 from typing import TYPE_CHECKING
@@ -20,6 +26,8 @@ log = logging.getLogger(__name__)
 
 SHT_SYMTAB = 2
 STT_FUNC = 2
+PAGE = 4096
+STACK_SCAN_BYTES = 1024      # how much of the kernel stack above RSP is searched for return addresses
 
 
 def elf_symbols(path: str) -> list[tuple[int, str]]:
@@ -59,13 +67,28 @@ def system_map_symbols(path: str) -> list[tuple[int, str]]:
     return symbols
 
 
+def kernel_symbols(kernel: str) -> list[tuple[int, str]]:
+    """Function symbols for a --kernel: its own ELF symbol table, or for a bzImage (whose payload is stripped) a
+    `vmlinux` or `System.map` beside it, as `pyhv guest build` and a kernel build's top directory leave them."""
+    symbols = elf_symbols(kernel)
+    folder = os.path.dirname(os.path.abspath(kernel))
+    if not symbols and os.path.exists(os.path.join(folder, "vmlinux")):
+        symbols = elf_symbols(os.path.join(folder, "vmlinux"))
+    if not symbols and os.path.exists(os.path.join(folder, "System.map")):
+        symbols = system_map_symbols(os.path.join(folder, "System.map"))
+    return symbols
+
+
 class GuestProfiler:
     def __init__(self, machine: "Machine", hz: float = 100.0, symbols: list[tuple[int, str]] | None = None):
         self.machine = machine
         self.interval = 1.0 / hz
         self.samples: Counter[tuple[int, int]] = Counter()     # (cpl, rip) -> count
+        self.inclusive: Counter[str] = Counter()              # function -> kernel samples it was on the stack of
         self.symbols = symbols or []
         self._addresses = [a for a, _ in self.symbols]
+        # where kernel text may be: from the first function symbol to 1 MiB past the last
+        self._text = (self._addresses[0], self._addresses[-1] + (1 << 20)) if self.symbols else (0, 0)
 
     def start(self) -> None:
         self.machine.iothread.call_later(self.interval, self._sample)
@@ -76,11 +99,35 @@ class GuestProfiler:
         if self.machine.state == "running":
             for v in self.machine.vcpus:
                 try:
-                    rip, cpl = v.call(lambda v=v: _rip_cpl(v.vcpu), timeout=1.0)
+                    rip, cpl, stack = v.call(lambda v=v: self._read_vcpu(v.vcpu), timeout=1.0)
                 except (TimeoutError, OSError):
                     continue
                 self.samples[(cpl, rip)] += 1
+                if cpl == 0 and self.symbols:
+                    self.inclusive.update({self.symbolize(rip)} | {self.symbolize(w) for w in stack})
         self.machine.iothread.call_later(self.interval, self._sample)
+
+    def _read_vcpu(self, vcpu) -> tuple[int, int, list[int]]:
+        """RIP, CPL and, in kernel mode with symbols, the stack words that point into kernel text (on the vCPU's
+        thread, while it is out of KVM_RUN)."""
+        regs = vcpu.get_regs()
+        sregs = vcpu.get_sregs()
+        cpl = sregs.cs.dpl if sregs.cr0 & 1 else 0
+        if cpl != 0 or not self.symbols:
+            return regs.rip, cpl, []
+        lo, hi = self._text
+        words: list[int] = []
+        address, remaining = regs.rsp & ~7, STACK_SCAN_BYTES
+        while remaining > 0:
+            chunk = min(remaining, PAGE - (address & (PAGE - 1)))
+            gpa = vcpu.translate(address)
+            if gpa is None or not self.machine.guest_memory.contains(gpa, chunk):
+                break
+            data = self.machine.guest_memory.read(gpa, chunk)
+            words += [w for w in struct.unpack(f"<{chunk // 8}Q", data) if lo <= w < hi]
+            address += chunk
+            remaining -= chunk
+        return regs.rip, cpl, words
 
     def symbolize(self, rip: int) -> str:
         i = bisect.bisect_right(self._addresses, rip) - 1
@@ -101,10 +148,8 @@ class GuestProfiler:
                  + ("" if self.symbols else " (no kernel symbols: give an ELF vmlinux or --system-map)")]
         for name, n in by_function.most_common(top):
             lines.append(f"  {100 * n / total:5.1f}%  {n:6d}  {name}")
+        if self.inclusive:
+            lines.append("kernel functions on the sampled stacks (inclusive; callers guessed from stack words):")
+            for name, n in self.inclusive.most_common(top):
+                lines.append(f"  {100 * n / total:5.1f}%  {n:6d}  {name}")
         return "\n".join(lines)
-
-
-def _rip_cpl(vcpu) -> tuple[int, int]:
-    regs = vcpu.get_regs()
-    sregs = vcpu.get_sregs()
-    return regs.rip, sregs.cs.dpl if sregs.cr0 & 1 else 0

@@ -5,12 +5,12 @@ The uncompressed image is for PVM hosts: there the kernel's gzip inflate runs in
 QEMU instruction count (-icount) of the mini kernel's boot to /init it doubled the kernel's instructions (~86 M
 with the .cpio.gz, ~43 M with the .cpio).
 
-    /bin/busybox + one symlink per applet (from `busybox --list-full`), /sbin/mkfs.ext2 (a mke2fs wrapper),
+    /bin/busybox + symlinks for LINKED_APPLETS, /sbin/mkfs.ext2 (a mke2fs wrapper),
     /etc/udhcpc/default.script      so `udhcpc -i eth0` configures the interface
     /init, /bin/pyhv-exit                 see pyhv.assets.init_script and pyhv.assets.protocol
     /lib/modules/NAME.ko                  stock kernel only, decompressed, loaded by /init in dependency order
     /dev/console (c 5 1)                  the kernel opens it for /init's stdin/stdout before devtmpfs exists
-    /etc/passwd, /etc/group, /proc, /sys, /dev, /tmp, /root, /mnt, /run, /var
+    /etc/passwd, /etc/group, /etc/fstab, /proc, /sys, /dev, /tmp, /root, /mnt, /run, /var
 """
 from __future__ import annotations
 
@@ -32,6 +32,9 @@ EMPTY_DIRS = ("/proc", "/sys", "/dev", "/tmp", "/root", "/mnt", "/run", "/var", 
 ETC_FILES = {
     "/etc/passwd": b"root:x:0:0:root:/root:/bin/sh\n",
     "/etc/group": b"root:x:0:\n",
+    # /init mounts these with one `mount -a`: on PVM hosts every fork+exec costs the guest about a second
+    "/etc/fstab": (b"proc /proc proc defaults 0 0\nsysfs /sys sysfs defaults 0 0\n"
+                   b"devtmpfs /dev devtmpfs defaults 0 0\ntmpfs /tmp tmpfs defaults 0 0\n"),
 }
 MKFS_EXT2 = b'#!/bin/sh\n# busybox-static has mke2fs (which makes ext2) but no mkfs.ext2 name\nexec mke2fs "$@"\n'
 # busybox udhcpc runs this with the lease in its environment (interface, ip, mask, router, dns).
@@ -94,6 +97,15 @@ class AddedFile:
         return out
 
 
+# Which applets get a symlink. Debian's busybox-static runs every applet by name from its shell and from its own
+# exec (FEATURE_SH_STANDALONE, FEATURE_PREFER_APPLETS; through /proc/self/exe once /proc is mounted), so links are
+# only needed for what runs before /proc exists or is exec'd by path from outside busybox. Each link costs the
+# guest's boot: on PVM hosts the kernel's unpacking of 268 links took ~5 s of emulated kernel time.
+# `busybox --install -s` in the guest makes the rest.
+LINKED_APPLETS = ("bin/sh", "bin/mount", "bin/umount", "bin/ls", "bin/cat", "bin/echo", "bin/sync", "sbin/reboot",
+                  "sbin/poweroff", "sbin/insmod")
+
+
 def busybox_applets(busybox: Path) -> list[str]:
     """Paths (relative to /) of the applets the binary offers, from `busybox --list-full`."""
     try:
@@ -118,8 +130,9 @@ class InitramfsSpec:
             archive.add(CpioEntry.directory(path, 0o1777 if path == "/tmp" else 0o755))
         archive.add(CpioEntry.char_device("/dev/console", 5, 1))
         archive.add(CpioEntry.file("/bin/busybox", self.busybox.read_bytes(), 0o755))
-        for applet in busybox_applets(self.busybox):
-            if applet != "bin/busybox":
+        offered = set(busybox_applets(self.busybox))
+        for applet in LINKED_APPLETS:
+            if applet in offered:
                 archive.add(CpioEntry.symlink("/" + applet, "/bin/busybox"))
         archive.add(CpioEntry.file("/sbin/mkfs.ext2", MKFS_EXT2, 0o755))
         archive.add(CpioEntry.file("/etc/udhcpc/default.script", UDHCPC_SCRIPT, 0o755))

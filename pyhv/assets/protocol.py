@@ -11,7 +11,7 @@ Kernel command line (read by /init from /proc/cmdline):
 
 Console output of /init, each marker on its own line (lines end in "\\r\\n" on a serial console):
     PYHV-INIT uptime=SECONDS start=S    set-up done (file systems mounted, modules loaded); SECONDS from
-                                        /proc/uptime, S the uptime when /init had just mounted /proc
+                                        /proc/uptime, S the uptime when /init had mounted its file systems
     PYHV-EXIT-STATUS=N                  after the command's output: its exit status (0-255)
     PYHV-AGENT-READY                    agent mode: ready for commands
 A command's output that does not end in a newline is followed by the status marker on the same line, so find the

@@ -98,6 +98,16 @@ def test_zero_page_layout():
     assert struct.unpack_from("<QQI", zp, 0x2D0 + 20 * 2) == (0x100000, (256 << 20) - 0x100000, bp.E820_RAM)
 
 
+
+def test_rng_seed_setup_data():
+    header = make_bzimage(b"x" * 16)[0x1F1:0x268]
+    zp = bp.build_zero_page(header, bp.e820_map(64 << 20, 0), 0x20000, 1, setup_data=0x8000)
+    assert struct.unpack_from("<Q", zp, 0x250)[0] == 0x8000          # hdr.setup_data
+    seed = bytes(range(32))
+    data = bp.rng_seed_setup_data(seed)
+    assert struct.unpack_from("<QII", data) == (0, 9, 32) and data[16:] == seed   # next, SETUP_RNG_SEED, len
+
+
 @pytest.mark.parametrize("memory,below,above", [(512 << 20, 512 << 20, 0), (4 << 30, 3 << 30, 1 << 30)])
 def test_e820_around_the_32bit_hole(memory, below, above):
     e820 = bp.e820_map(below, above)

@@ -28,6 +28,7 @@ HDR_MIN_ALIGNMENT = 0x235
 HDR_XLOADFLAGS = 0x236
 HDR_CMDLINE_SIZE = 0x238
 HDR_PAYLOAD_OFFSET = 0x248
+HDR_SETUP_DATA = 0x250
 HDR_PAYLOAD_LENGTH = 0x24C
 HDR_PREF_ADDRESS = 0x258
 HDR_INIT_SIZE = 0x260
@@ -49,6 +50,8 @@ XLF_KERNEL_64 = 1 << 0
 XLF_CAN_BE_LOADED_ABOVE_4G = 1 << 1
 LOADER_TYPE_UNDEFINED = 0xFF     # "no registered loader id"
 MIN_PROTOCOL = 0x020C            # 2.12: xloadflags and the 64-bit entry point
+SETUP_RNG_SEED = 9               # a setup_data type (arch/x86/include/uapi/asm/bootparam.h)
+RNG_SEED_SIZE = 32
 
 E820_RAM = 1
 E820_RESERVED = 2
@@ -149,7 +152,7 @@ def synthetic_header(cmdline_size: int = 2048, initrd_addr_max: int = 0x7FFFFFFF
 
 
 def build_zero_page(header: bytes, e820: list[E820Entry], cmdline_addr: int, cmdline_len: int,
-                    initrd_addr: int = 0, initrd_size: int = 0) -> bytearray:
+                    initrd_addr: int = 0, initrd_size: int = 0, setup_data: int = 0) -> bytearray:
     """struct boot_params for the 64-bit boot protocol: the kernel's own setup header, completed by the loader."""
     if len(e820) > E820_MAX_ENTRIES:
         raise ValueError("too many e820 entries")
@@ -165,10 +168,19 @@ def build_zero_page(header: bytes, e820: list[E820Entry], cmdline_addr: int, cmd
     struct.pack_into("<I", zp, BP_EXT_RAMDISK_IMAGE, initrd_addr >> 32)
     struct.pack_into("<I", zp, HDR_RAMDISK_SIZE, initrd_size & 0xFFFFFFFF)
     struct.pack_into("<I", zp, BP_EXT_RAMDISK_SIZE, initrd_size >> 32)
+    struct.pack_into("<Q", zp, HDR_SETUP_DATA, setup_data)
     zp[BP_E820_ENTRIES] = len(e820)
     for i, entry in enumerate(e820):
         struct.pack_into("<QQI", zp, BP_E820_TABLE + 20 * i, entry.addr, entry.size, entry.type)
     return zp
+
+
+def rng_seed_setup_data(seed: bytes, next_addr: int = 0) -> bytes:
+    """A `struct setup_data` of type SETUP_RNG_SEED (next, type, len, data), as QEMU gives a `-kernel`: the kernel
+    mixes the seed into its entropy pool at setup_arch and, where it trusts the boot loader
+    (CONFIG_RANDOM_TRUST_BOOTLOADER), starts with its random number generator ready instead of waiting for
+    interrupt entropy."""
+    return struct.pack("<QII", next_addr, SETUP_RNG_SEED, len(seed)) + seed
 
 
 def e820_map(below_4g: int, above_4g: int, ebda_start: int = 0x9F000) -> list[E820Entry]:

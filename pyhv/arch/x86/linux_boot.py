@@ -3,7 +3,7 @@ boot vCPU at the kernel's entry (PVH for an ELF vmlinux that has the note, the 6
 
 Guest-physical layout (all below 1 MiB except the kernel and initrd):
     0x0500  GDT            0x6000  hvm_start_info (PVH)   0x7000  zero page (64-bit protocol)
-    0x9000  page tables    0x20000 command line           0x9f000 MP configuration table
+    0x8000  setup_data (an RNG seed, 64-bit protocol)      0x9000  page tables    0x20000 command line           0x9f000 MP configuration table
     0x9fc00 MP floating pointer (the last KiB of base memory, where the guest looks for it)
     kernel at its ELF physical addresses (16 MiB for x86-64 Linux); initrd at the top of RAM below
     min(initrd_addr_max, the PCI hole).
@@ -11,10 +11,11 @@ Guest-physical layout (all below 1 MiB except the kernel and initrd):
 from __future__ import annotations
 
 import logging
+import os
 from dataclasses import dataclass
 
 from pyhv.arch.x86 import entry_state
-from pyhv.arch.x86.bootparams import build_zero_page, e820_map
+from pyhv.arch.x86.bootparams import RNG_SEED_SIZE, build_zero_page, e820_map, rng_seed_setup_data
 from pyhv.arch.x86.kernel_image import KernelImage, load_kernel
 from pyhv.arch.x86.mptable import build_floating_pointer, build_mptable
 from pyhv.arch.x86.pvh import build_start_info
@@ -26,6 +27,7 @@ log = logging.getLogger(__name__)
 
 START_INFO_ADDR = 0x6000
 ZERO_PAGE_ADDR = 0x7000
+SETUP_DATA_ADDR = 0x8000
 CMDLINE_ADDR = 0x20000
 CMDLINE_MAX = 0x10000          # room reserved at CMDLINE_ADDR
 MP_TABLE_ADDR = 0x9F000          # reserved in e820 from here to 1 MiB
@@ -97,8 +99,10 @@ class LinuxBoot:
         if self.entry == "pvh":
             memory.write(START_INFO_ADDR, build_start_info(START_INFO_ADDR, CMDLINE_ADDR, e820, initrd))
         else:
+            # a fresh seed on every (re)boot; the kernel zeroes it once read
+            memory.write(SETUP_DATA_ADDR, rng_seed_setup_data(os.urandom(RNG_SEED_SIZE)))
             zp = build_zero_page(self.kernel.setup_header, e820, CMDLINE_ADDR, len(self.cmdline.encode()),
-                                 *(initrd or (0, 0)))
+                                 *(initrd or (0, 0)), setup_data=SETUP_DATA_ADDR)
             memory.write(ZERO_PAGE_ADDR, zp)
 
     def setup_vcpu(self, vcpu: Vcpu, memory: GuestMemory, bsp: bool) -> None:
