@@ -306,6 +306,8 @@ class VmConfig:
             self.uuid = _check_uuid(self.uuid)
         if self.drives and self.machine != "pc":
             raise ConfigError("--drive needs --machine pc", "virtio disks are PCI devices of the pc machine")
+        if self.nets and self.machine != "pc":
+            raise ConfigError("--nic needs --machine pc", "virtio network cards are PCI devices of the pc machine")
         return self
 
     def vhost_user_devices(self) -> list[VhostUserConfig]:

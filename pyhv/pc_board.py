@@ -79,6 +79,8 @@ class PcBoard:
         self.virtio: list = []
         for i, drive in enumerate(cfg.drives):
             self.add_drive(drive, i)
+        for i, net in enumerate(cfg.nets):
+            self.add_nic(net, i)
         for i, vu in enumerate(cfg.vhost_user_devices()):
             self.add_vhost_user(vu, i)
 
@@ -109,6 +111,13 @@ class PcBoard:
 
         boot_index = drive.bootindex if drive.bootindex is not None else 1000 + position
         return self.add_virtio(f"virtio-blk{position}", VirtioBlk.from_config(drive), boot_index)
+
+    def add_nic(self, net, position: int) -> PciDevice:
+        from pyhv.virtio.net import VirtioNet
+
+        name = f"virtio-net{position}"
+        return self.add_virtio(name, VirtioNet(tap=net.tap, mac=net.mac, iothread=self.machine.iothread, name=name),
+                               None)
 
     def add_virtio(self, name: str, backend, boot_index: int | None) -> PciDevice:
         """Plug a virtio back end behind a virtio-pci function."""

@@ -9,6 +9,10 @@ from pyhv.assets.protocol import AGENT_READY, DEBUG_EXIT_PORT, EXIT_STATUS_MARKE
 
 MODULE_DIR = "/lib/modules"
 
+# PVM_NOTE: on PVM hosts a program exec'd while other processes are runnable (a pipeline's members, a background
+# job) intermittently dies of SIGSEGV on its first TLS access (seen with every kernel and initramfs variant; cause
+# not found, see the direct-Linux-boot issue's closing note). The scripts below therefore use files, not pipes.
+
 # Sets PYHV_CMD (decoded from pyhv.cmd or pyhv.cmd64), PYHV_AGENT and PYHV_MMIO_ARGS from a kernel command line ($1).
 CMDLINE_FUNCTIONS = r"""
 pyhv_parse_cmdline() {
@@ -32,7 +36,8 @@ pyhv_parse_cmdline() {
     done
     set +f
     if [ -n "$PYHV_CMD64" ]; then
-        PYHV_CMD=$(printf '%s' "$PYHV_CMD64" | base64 -d; echo .)
+        printf '%s' "$PYHV_CMD64" > "${TMPDIR:-/tmp}/.pyhv-cmd64"      # a file, not a pipe: see PVM_NOTE
+        PYHV_CMD=$(base64 -d "${TMPDIR:-/tmp}/.pyhv-cmd64"; echo .)
         PYHV_CMD=${PYHV_CMD%.}
     fi
 }
@@ -45,7 +50,8 @@ PYHV_EXIT = rf"""#!/bin/sh
 s=$(( ${{1:-0}} & 255 ))
 sync
 if [ -c /dev/port ]; then
-    printf "\\$(printf %o "$s")" | dd of=/dev/port bs=1 seek={DEBUG_EXIT_PORT} count=1 conv=notrunc 2>/dev/null
+    printf "\\$(printf %o "$s")" > /tmp/.pyhv-exit      # a file, not a pipe into dd: see init's PVM note
+    dd if=/tmp/.pyhv-exit of=/dev/port bs=1 seek={DEBUG_EXIT_PORT} count=1 conv=notrunc 2>/dev/null
 fi
 reboot -f
 echo "pyhv-exit: reboot failed" >&2

@@ -50,6 +50,7 @@ VIRTIO_NET_S_LINK_UP = 1
 VIRTIO_NET_HDR_SIZE = 12
 RX_QUEUE, TX_QUEUE = 0, 1
 RX_BATCH = 256
+_DELIVERED, _DROPPED, _NO_ROOM = object(), object(), object()     # what _deliver did with a frame
 MAX_FRAME = 65536 + VIRTIO_NET_HDR_SIZE + 14 + 4     # a 64 KiB GSO segment, its header, Ethernet and VLAN
 
 # <linux/if_tun.h>
@@ -126,6 +127,7 @@ class VirtioNet(VirtioDevice):
         else:
             raise TapError("virtio-net needs a tap (a name or an open file descriptor)")
         self._rxbuf = bytearray(MAX_FRAME)
+        self._rx_held = 0          # length of a frame read from the tap that waits in _rxbuf for receive buffers
         self._polling = False
         self.stats = {"rx_packets": 0, "rx_bytes": 0, "rx_dropped": 0, "tx_packets": 0, "tx_bytes": 0,
                       "tx_dropped": 0}
@@ -159,6 +161,7 @@ class VirtioNet(VirtioDevice):
 
     def deactivated(self) -> None:
         self._poll_tap(False)
+        self._rx_held = 0
         self._set_offload(0)
 
     def _set_offload(self, flags: int) -> None:
@@ -216,25 +219,40 @@ class VirtioNet(VirtioDevice):
         mergeable = self.has_feature(VIRTIO_NET_F_MRG_RXBUF)
         delivered = False
         for _ in range(RX_BATCH):           # then let other work run; the tap stays readable
-            if not q.pending():
-                if q.enable_notification():
+            if not self._rx_held:
+                if not q.pending():
+                    if q.enable_notification():
+                        continue
+                    self._poll_tap(False)      # no receive buffers: wait for the driver's kick
+                    break
+                try:
+                    n = os.readv(self.tap_fd, [self._rxbuf])
+                except BlockingIOError:
+                    break
+                except OSError as e:
+                    self.warn_once(f"rx-{e.errno}", "tap read failed: %s", e.strerror)
+                    break
+                if n < VIRTIO_NET_HDR_SIZE:
                     continue
-                self._poll_tap(False)      # no receive buffers: wait for the driver's kick
+                self._rx_held = n
+            seen = q.avail_idx()
+            outcome = self._deliver(q, self._rx_held, mergeable)
+            if outcome is _NO_ROOM:
+                # The frame needs more buffers than the driver has posted so far. Hold it, as QEMU and vhost-net
+                # do, rather than drop it: Linux refills its ring only in batches, and a dropped TCP segment
+                # makes the sender back off (seconds, then minutes) while the ring stays short.
+                if q.enable_notification(after=seen):
+                    continue
+                self._poll_tap(False)
                 break
-            try:
-                n = os.readv(self.tap_fd, [self._rxbuf])
-            except BlockingIOError:
-                break
-            except OSError as e:
-                self.warn_once(f"rx-{e.errno}", "tap read failed: %s", e.strerror)
-                break
-            if n < VIRTIO_NET_HDR_SIZE:
-                continue
-            delivered |= self._deliver(q, n, mergeable)
+            self._rx_held = 0
+            delivered |= outcome is _DELIVERED
         if delivered:
             self.signal_used(q)
 
-    def _deliver(self, q: VirtQueue, n: int, mergeable: bool) -> bool:
+    def _deliver(self, q: VirtQueue, n: int, mergeable: bool) -> object:
+        """Put the n-byte frame in _rxbuf into receive buffers: _DELIVERED, _DROPPED (no buffer can ever hold it)
+        or _NO_ROOM (not yet: wait for more buffers)."""
         chains = []
         room = 0
         while room < n:
@@ -246,14 +264,14 @@ class VirtioNet(VirtioDevice):
             if not mergeable:
                 break
         if room < n:
-            # not enough buffer space: give the chains back and drop this frame
             for _ in chains:
                 q.undo_pop()
+            if not chains or (mergeable and len(chains) < q.size):
+                return _NO_ROOM
+            # a buffer too small for the frame without VIRTIO_NET_F_MRG_RXBUF, or the whole ring too small
             self.stats["rx_dropped"] += 1
-            if not mergeable and chains:
-                self.warn_once("rx-small", "receive buffer of %d bytes for a %d-byte frame without "
-                                           "VIRTIO_NET_F_MRG_RXBUF; frame dropped", room, n)
-            return False
+            self.warn_once("rx-small", "receive buffers of %d bytes for a %d-byte frame; frame dropped", room, n)
+            return _DROPPED
         frame = memoryview(self._rxbuf)
         struct.pack_into("<H", self._rxbuf, 10, len(chains))       # num_buffers
         offset = 0
@@ -264,4 +282,4 @@ class VirtioNet(VirtioDevice):
         q.flush(len(chains))
         self.stats["rx_packets"] += 1
         self.stats["rx_bytes"] += n - VIRTIO_NET_HDR_SIZE
-        return True
+        return _DELIVERED

@@ -369,12 +369,18 @@ class VirtQueue:
             _U16.pack_into(self._used, 0, VIRTQ_USED_F_NO_NOTIFY)
         # with event idx the device simply does not move avail_event forward
 
-    def enable_notification(self) -> bool:
-        """Ask the driver to kick for the next buffer; True if buffers arrived meanwhile (pop them first)."""
+    def enable_notification(self, after: int | None = None) -> bool:
+        """Ask the driver to kick for the next buffer; True if buffers arrived meanwhile (pop them first).
+
+        `after`: the available index the driver must move past, by default the device's next chain. A device that
+        has looked at the chains already there and given them back (too little room for a frame) passes the
+        available index it saw: asking for a kick at its own, older position would never be answered, because the
+        driver kicks only when its index crosses the one the device asks for."""
         st = self.state
+        target = st.next_avail if after is None else after
         if st.event_idx:
-            _U16.pack_into(self._used, self._avail_event_off, st.next_avail)
+            _U16.pack_into(self._used, self._avail_event_off, target)
         else:
             _U16.pack_into(self._used, 0, 0)
         full_barrier()                      # the driver sees our wish before we look at its index once more
-        return self.avail_idx() != st.next_avail
+        return self.avail_idx() != target

@@ -95,7 +95,7 @@ def test_run_commands_in_the_projects_linux_guest(request):
     initramfs whose /init speaks the agent protocol), booted directly by pyhv. Minutes on PVM hosts."""
     pytest.importorskip("pyhv.assets", reason="this tree has no guest assets (pyhv.assets) yet")
     assets = request.getfixturevalue("linux_guest")
-    with pyhv.VM(kernel=str(assets.vmlinux), initrd=str(assets.initramfs), memory="256M", agent=True) as vm:
+    with pyhv.VM(kernel=str(assets.bzimage), initrd=str(assets.initramfs_uncompressed), agent=True) as vm:
         result = vm.run("echo hello from the guest", timeout=900)   # the first command waits for the boot
         assert result == Result("hello from the guest\n", 0)
         assert vm.run("uname -r").stdout.strip() == assets.kernel_release

@@ -7,12 +7,12 @@ import os
 import random
 import subprocess
 import sys
-import textwrap
 import time
 
 import pytest
 
 from qemu_guest import qemu_command, run_guest, vhost_user_blk
+from net_helpers import NET_SERVER, netns  # noqa: F401 (a fixture)
 from vhost_helpers import Backend
 
 pytestmark = pytest.mark.slow
@@ -185,44 +185,6 @@ def test_rng_gives_bytes(vhost_guest, tmp_path):
     assert int(run.value("distinct")) > 200          # 4 KiB of random bytes use almost every byte value
 
 
-NET_SERVER = textwrap.dedent("""
-    import hashlib, os, socket, sys
-    N = int(sys.argv[2])
-    data = os.urandom(1 << 20) * (N >> 20)
-    print("sentsum=" + hashlib.sha256(data).hexdigest(), flush=True)
-    def listen(port):
-        s = socket.socket()
-        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        s.bind((sys.argv[1], port))
-        s.listen(1)
-        s.settimeout(600)
-        c, _ = s.accept()
-        c.settimeout(600)
-        return c
-    c = listen(5001)
-    c.sendall(data)
-    c.close()
-    c = listen(5002)
-    h, n = hashlib.sha256(), 0
-    while n < N:
-        b = c.recv(1 << 20)
-        if not b:
-            break
-        h.update(b)
-        n += len(b)
-    print("recvlen=%d" % n, flush=True)
-    print("recvsum=" + h.hexdigest(), flush=True)
-""")
-
-
-@pytest.fixture
-def netns():
-    name = f"pyhv-t{os.getpid()}-{random.randrange(1 << 30)}"
-    subprocess.run(["ip", "netns", "add", name], check=True)
-    yield name
-    subprocess.run(["ip", "netns", "del", name], check=True)
-
-
 def test_net_100mib_tcp_both_ways(vhost_guest, tmp_path, netns):
     n = 100 * MiB
     tap = f"pt{random.randrange(1 << 24):x}"
@@ -239,8 +201,8 @@ def test_net_100mib_tcp_both_ways(vhost_guest, tmp_path, netns):
             "for i in $(seq 100); do ping -c1 -W1 10.213.0.1 >/dev/null 2>&1 && break; done",
             "echo rxsum=$(nc 10.213.0.1 5001 | sha256sum | cut -d' ' -f1)",
             "mkfifo /tmp/f", "sha256sum /tmp/f | cut -d' ' -f1 > /tmp/sum &",
-            f"head -c {n} /dev/urandom | tee /tmp/f | nc 10.213.0.1 5002", "wait",
-            "echo txsum=$(cat /tmp/sum)",
+            f"head -c {n} /dev/urandom | tee /tmp/f | nc 10.213.0.1 5002 > /tmp/ack", "wait",
+            "echo txsum=$(cat /tmp/sum)", "echo ack=$(cat /tmp/ack)",
         ]), ["-chardev", f"socket,id=vunet,path={be.socket}", "-netdev", "vhost-user,id=net0,chardev=vunet",
              # vectors=0 (INTx): QEMU 7.2 under TCG crashes in msix_set_vector_notifiers when vhost-user net
              # starts with MSI-X, whatever the back end
@@ -256,3 +218,4 @@ def test_net_100mib_tcp_both_ways(vhost_guest, tmp_path, netns):
     values = dict(line.split("=", 1) for line in out.splitlines() if "=" in line)
     assert run.value("rxsum") == values["sentsum"]
     assert int(values["recvlen"]) == n and values["recvsum"] == run.value("txsum")
+    assert run.value("ack") == "received"

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
+import tempfile
 import threading
 
 import pytest
@@ -22,7 +23,9 @@ printf '%s\n--\n%s\n--\n%s' "$PYHV_CMD" "$PYHV_AGENT" "$PYHV_MMIO_ARGS"
 
 
 def parse(cmdline: str) -> tuple[str, str, str]:
-    out = subprocess.run(["sh", "-c", PARSE, "sh", cmdline], capture_output=True, check=True, cwd="/").stdout
+    with tempfile.TemporaryDirectory() as tmp:
+        out = subprocess.run(["sh", "-c", PARSE, "sh", cmdline], capture_output=True, check=True, cwd="/",
+                             env={**os.environ, "TMPDIR": tmp}).stdout
     cmd, agent, mmio = out.decode().split("\n--\n")
     return cmd, agent, mmio
 
