@@ -70,7 +70,8 @@ def _add_run_options(p: argparse.ArgumentParser) -> None:
                     help="virtio notifications exit to pyhv instead of being handled by KVM (for comparison)")
     hw.add_argument("--no-msix", action="store_true", help="PCI devices offer no MSI-X: interrupts are INTx only")
     hw.add_argument("--nic", action="append", default=[], metavar="tap,ifname=NAME[,mac=MAC]",
-                    help="a virtio network interface on an existing tap device")
+                    help="a virtio-net-pci card on tap NAME (created if missing, which needs root) for --machine "
+                         "pc; repeat for more cards")
     hw.add_argument("--name", default="pyhv", help="the VM's name (default: pyhv)")
     hw.add_argument("--uuid", help="the VM's UUID")
     files = p.add_argument_group("the VM from a file (options given as well override the file's values)")
