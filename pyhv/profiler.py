@@ -28,6 +28,7 @@ SHT_SYMTAB = 2
 STT_FUNC = 2
 PAGE = 4096
 STACK_SCAN_BYTES = 1024      # how much of the kernel stack above RSP is searched for return addresses
+MAX_FUNCTION_SIZE = 16384    # a stack word further than this past the function symbol before it is data, not code
 
 
 def elf_symbols(path: str) -> list[tuple[int, str]]:
@@ -87,8 +88,8 @@ class GuestProfiler:
         self.inclusive: Counter[str] = Counter()              # function -> kernel samples it was on the stack of
         self.symbols = symbols or []
         self._addresses = [a for a, _ in self.symbols]
-        # where kernel text may be: from the first function symbol to 1 MiB past the last
-        self._text = (self._addresses[0], self._addresses[-1] + (1 << 20)) if self.symbols else (0, 0)
+        # where kernel text may be: from the first function symbol to a page past the last
+        self._text = (self._addresses[0], self._addresses[-1] + PAGE) if self.symbols else (0, 0)
 
     def start(self) -> None:
         self.machine.iothread.call_later(self.interval, self._sample)
@@ -104,7 +105,7 @@ class GuestProfiler:
                     continue
                 self.samples[(cpl, rip)] += 1
                 if cpl == 0 and self.symbols:
-                    self.inclusive.update({self.symbolize(rip)} | {self.symbolize(w) for w in stack})
+                    self.inclusive.update({self.symbolize(rip)} | {f for f in map(self._caller, stack) if f})
         self.machine.iothread.call_later(self.interval, self._sample)
 
     def _read_vcpu(self, vcpu) -> tuple[int, int, list[int]]:
@@ -128,6 +129,11 @@ class GuestProfiler:
             address += chunk
             remaining -= chunk
         return regs.rip, cpl, words
+
+    def _caller(self, word: int) -> str | None:
+        """The function a stack word points into, or None if it points past any function (kernel data)."""
+        i = bisect.bisect_right(self._addresses, word) - 1
+        return self.symbols[i][1] if i >= 0 and word - self._addresses[i] < MAX_FUNCTION_SIZE else None
 
     def symbolize(self, rip: int) -> str:
         i = bisect.bisect_right(self._addresses, rip) - 1

@@ -59,6 +59,13 @@ def test_user_mode_samples_read_no_stack():
     assert GuestProfiler(machine, symbols=SYMBOLS)._read_vcpu(FakeVcpu(0x401000, 3)) == (0x401000, 3, [])
 
 
+def test_stack_words_far_past_a_function_are_data():
+    profiler = GuestProfiler(SimpleNamespace(), symbols=SYMBOLS)
+    assert profiler._caller(0xFFFFFFFF81000150) == "setup_arch"
+    assert profiler._caller(0xFFFFFFFF81000300 + 0x100000) is None      # 1 MiB past `idle`: kernel data
+    assert profiler._caller(0xFFFFFFFF80000000) is None                 # below the first function
+
+
 def test_report_has_flat_and_inclusive_lists():
     profiler = GuestProfiler(SimpleNamespace(), symbols=SYMBOLS)
     profiler.samples.update({(0, 0xFFFFFFFF81000210): 3, (0, 0xFFFFFFFF81000300): 1, (3, 0x401000): 1})

@@ -3,7 +3,8 @@ boot vCPU at the kernel's entry (PVH for an ELF vmlinux that has the note, the 6
 
 Guest-physical layout (all below 1 MiB except the kernel and initrd):
     0x0500  GDT            0x6000  hvm_start_info (PVH)   0x7000  zero page (64-bit protocol)
-    0x8000  setup_data (an RNG seed, 64-bit protocol)      0x9000  page tables    0x20000 command line           0x9f000 MP configuration table
+    0x8000  setup_data (an RNG seed; 64-bit protocol)     0x9000  page tables
+    0x20000 command line   0x9f000 MP configuration table
     0x9fc00 MP floating pointer (the last KiB of base memory, where the guest looks for it)
     kernel at its ELF physical addresses (16 MiB for x86-64 Linux); initrd at the top of RAM below
     min(initrd_addr_max, the PCI hole).
