@@ -88,8 +88,6 @@ class GuestProfiler:
         self.inclusive: Counter[str] = Counter()              # function -> kernel samples it was on the stack of
         self.symbols = symbols or []
         self._addresses = [a for a, _ in self.symbols]
-        # where kernel text may be: from the first function symbol to a page past the last
-        self._text = (self._addresses[0], self._addresses[-1] + PAGE) if self.symbols else (0, 0)
 
     def start(self) -> None:
         self.machine.iothread.call_later(self.interval, self._sample)
@@ -105,18 +103,17 @@ class GuestProfiler:
                     continue
                 self.samples[(cpl, rip)] += 1
                 if cpl == 0 and self.symbols:
-                    self.inclusive.update({self.symbolize(rip)} | {f for f in map(self._caller, stack) if f})
+                    self.inclusive.update({self.symbolize(rip)} | {self.symbolize(w) for w in stack})
         self.machine.iothread.call_later(self.interval, self._sample)
 
     def _read_vcpu(self, vcpu) -> tuple[int, int, list[int]]:
-        """RIP, CPL and, in kernel mode with symbols, the stack words that point into kernel text (on the vCPU's
-        thread, while it is out of KVM_RUN)."""
+        """RIP, CPL and, in kernel mode with symbols, the stack words that point into kernel functions (on the
+        vCPU's thread, while it is out of KVM_RUN)."""
         regs = vcpu.get_regs()
         sregs = vcpu.get_sregs()
         cpl = sregs.cs.dpl if sregs.cr0 & 1 else 0
         if cpl != 0 or not self.symbols:
             return regs.rip, cpl, []
-        lo, hi = self._text
         words: list[int] = []
         address, remaining = regs.rsp & ~7, STACK_SCAN_BYTES
         while remaining > 0:
@@ -125,7 +122,7 @@ class GuestProfiler:
             if gpa is None or not self.machine.guest_memory.contains(gpa, chunk):
                 break
             data = self.machine.guest_memory.read(gpa, chunk)
-            words += [w for w in struct.unpack(f"<{chunk // 8}Q", data) if lo <= w < hi]
+            words += [w for w in struct.unpack(f"<{chunk // 8}Q", data) if self._caller(w)]
             address += chunk
             remaining -= chunk
         return regs.rip, cpl, words

@@ -6,6 +6,7 @@ PYHV_REQUIRE_KVM=1 (as in CI), where they fail instead.
 from __future__ import annotations
 
 import os
+import random
 import subprocess
 import sys
 from dataclasses import dataclass
@@ -112,3 +113,12 @@ def domain_file(tmp_path):
         libvirt_xml = dump.stdout[dump.stdout.index("<domain"):]
         return DomainFile(path, libvirt_xml)
     return write
+
+
+@pytest.fixture
+def netns():
+    """A network namespace of this test's own (removed afterwards), for taps and servers the guest talks to."""
+    name = f"pyhv-t{os.getpid()}-{random.randrange(1 << 30)}"
+    subprocess.run(["ip", "netns", "add", name], check=True)
+    yield name
+    subprocess.run(["ip", "netns", "del", name], check=True)

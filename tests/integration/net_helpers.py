@@ -1,15 +1,10 @@
-"""Networking helpers for tests whose guest talks TCP to the host: a network namespace per test, and a server that
+"""For tests whose guest talks TCP to the host (in the `netns` fixture's namespace, tests/conftest.py): a server that
 sends N random bytes on port 5001 and hashes what it receives on port 5002 (for `python3 -c NET_SERVER ADDR N`).
 Once it has N bytes on 5002 it answers "received" and closes: busybox's nc keeps reading after its input ends, so
 the guest waits for that answer instead of powering off while its last segments are still in flight."""
 from __future__ import annotations
 
-import os
-import random
-import subprocess
 import textwrap
-
-import pytest
 
 NET_SERVER = textwrap.dedent("""
     import hashlib, os, socket, sys
@@ -42,10 +37,3 @@ NET_SERVER = textwrap.dedent("""
     c.close()
 """)
 
-
-@pytest.fixture
-def netns():
-    name = f"pyhv-t{os.getpid()}-{random.randrange(1 << 30)}"
-    subprocess.run(["ip", "netns", "add", name], check=True)
-    yield name
-    subprocess.run(["ip", "netns", "del", name], check=True)

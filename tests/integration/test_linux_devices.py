@@ -13,19 +13,17 @@ import sys
 
 import pytest
 
-from net_helpers import NET_SERVER, netns  # noqa: F401 (a fixture)
-from pyhv.assets.protocol import command_output, debug_exit_status, encode_command
+from net_helpers import NET_SERVER
+from linux_guest import boot
+from pyhv.assets.protocol import command_output, debug_exit_status
 
 pytestmark = [pytest.mark.kvm, pytest.mark.slow]
 MiB = 1 << 20
 
 
-def boot_pc(assets, command: str, *extra: str, prefix: tuple[str, ...] = (), timeout: float = 600) -> tuple[int, str]:
-    cmd = [*prefix, sys.executable, "-m", "pyhv.cli", "run", "--machine", "pc", "--kernel", str(assets.bzimage),
-           "--initrd", str(assets.initramfs_uncompressed), "--memory", "128M",
-           "--append", f"console=ttyS0 reboot=k panic=-1 {encode_command(command)}", "--stats", *extra]
-    proc = subprocess.run(cmd, capture_output=True, timeout=timeout, stdin=subprocess.DEVNULL)
-    return proc.returncode, proc.stdout.decode(errors="replace") + proc.stderr.decode(errors="replace")
+def boot_pc(assets, command: str, *extra: str, prefix: tuple[str, ...] = ()) -> tuple[int, str]:
+    status, out, err = boot(assets, "--machine", "pc", *extra, command=command, prefix=prefix)
+    return status, out + err
 
 
 def values(output: str) -> dict[str, str]:
@@ -69,7 +67,7 @@ def test_virtio_blk_driver_reads_writes_and_respects_read_only(linux_guest, tmp_
     assert int(got["msi"]) >= 2                             # config and request vectors of MSI-X, per disk
 
 
-def test_virtio_net_driver_moves_tcp_both_ways(linux_guest, netns):  # noqa: F811 (netns is a fixture)
+def test_virtio_net_driver_moves_tcp_both_ways(linux_guest, netns):
     n = 1 * MiB          # each way; on PVM hosts every guest system call costs ~1 ms
     tap = f"pv{random.randrange(1 << 24):x}"
     subprocess.run(["ip", "-n", netns, "tuntap", "add", "dev", tap, "mode", "tap"], check=True)

@@ -12,22 +12,10 @@ import time
 
 import pytest
 
-from pyhv.assets.protocol import command_output, debug_exit_status, encode_command, parse_exit_status
+from linux_guest import BOOT_TIMEOUT, boot
+from pyhv.assets.protocol import command_output, debug_exit_status, parse_exit_status
 
 pytestmark = [pytest.mark.kvm, pytest.mark.slow]
-
-BOOT_TIMEOUT = 600
-
-
-# Commands here avoid pipelines: on PVM hosts a program exec'd while others are runnable intermittently dies of
-# SIGSEGV (pyhv/assets/init_script.py, PVM_NOTE).
-def boot(assets, *extra: str, command: str, memory: str = "128M", kernel: str | None = None,
-         initrd: str | None = None, timeout: float = BOOT_TIMEOUT) -> tuple[int, str, str]:
-    cmd = [sys.executable, "-m", "pyhv.cli", "run", "--kernel", kernel or str(assets.bzimage),
-           "--initrd", initrd or str(assets.initramfs_uncompressed), "--memory", memory,
-           "--append", f"console=ttyS0 reboot=k panic=-1 {encode_command(command)}", "--stats", *extra]
-    proc = subprocess.run(cmd, capture_output=True, timeout=timeout, stdin=subprocess.DEVNULL)
-    return proc.returncode, proc.stdout.decode(errors="replace"), proc.stderr.decode(errors="replace")
 
 
 def fields(output: str) -> dict[str, str]:

@@ -12,7 +12,7 @@ import time
 import pytest
 
 from qemu_guest import qemu_command, run_guest, vhost_user_blk
-from net_helpers import NET_SERVER, netns  # noqa: F401 (a fixture)
+from net_helpers import NET_SERVER
 from vhost_helpers import Backend
 
 pytestmark = pytest.mark.slow

@@ -175,12 +175,12 @@ def build_zero_page(header: bytes, e820: list[E820Entry], cmdline_addr: int, cmd
     return zp
 
 
-def rng_seed_setup_data(seed: bytes, next_addr: int = 0) -> bytes:
+def rng_seed_setup_data(seed: bytes) -> bytes:
     """A `struct setup_data` of type SETUP_RNG_SEED (next, type, len, data), as QEMU gives a `-kernel`: the kernel
     mixes the seed into its entropy pool at setup_arch and, where it trusts the boot loader
     (CONFIG_RANDOM_TRUST_BOOTLOADER), starts with its random number generator ready instead of waiting for
     interrupt entropy."""
-    return struct.pack("<QII", next_addr, SETUP_RNG_SEED, len(seed)) + seed
+    return struct.pack("<QII", 0, SETUP_RNG_SEED, len(seed)) + seed          # the only entry: next = 0
 
 
 def e820_map(below_4g: int, above_4g: int, ebda_start: int = 0x9F000) -> list[E820Entry]:
