@@ -19,9 +19,12 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, fields, is_dataclass
-from typing import Any, Callable, Iterable
+from typing import TYPE_CHECKING, Any, Callable, ContextManager, Iterable
 
 from pyhv import trace
+
+if TYPE_CHECKING:
+    from pyhv.memory import MemoryRegion
 
 log = logging.getLogger(__name__)
 
@@ -83,6 +86,28 @@ class RegisterBank:
         for reg, _, _ in self._at.values():
             if reg.read is None or reg.write is None:
                 setattr(self.state, reg.field or reg.name, reg.reset)
+
+    def region(self, size: int, name: str | None = None, lock: ContextManager | None = None,
+               owner: str | None = None) -> "MemoryRegion":
+        """The I/O region of this bank (`size` bytes), named for traces and exit statistics; with `lock`, every
+        access holds it (a device whose state an I/O thread changes too)."""
+        from pyhv.memory import MemoryRegion
+        read, write = self.read, self.write
+        if lock is not None:
+            def read(offset: int, size: int, _read=self.read) -> int:
+                with lock:
+                    return _read(offset, size)
+
+            def write(offset: int, size: int, value: int, _write=self.write) -> None:
+                with lock:
+                    _write(offset, size, value)
+        region = MemoryRegion.io(name or self.name, size, read, write, owner=owner or self.device_name)
+        region.describe = self.register_name
+        return region
+
+    @property
+    def device_name(self) -> str:
+        return getattr(self.device, "name", self.name)
 
     def register_name(self, offset: int) -> str:
         reg = self._byte.get(offset)
