@@ -32,10 +32,11 @@ from pyhv.devices.cmos_rtc import CmosRtc
 from pyhv.devices.debug_exit import DebugExit
 from pyhv.coalesced_io import DRAIN_INTERVAL, CoalescedIo
 from pyhv.devices.debugcon import DebugCon
+from pyhv.devices.device import Device
 from pyhv.devices.i8042 import I8042
 from pyhv.devices.irq import CallbackIrqLine
 from pyhv.devices.post_code import PostCode
-from pyhv.devices.testdev import TESTDEV_MMIO, TESTDEV_PORT, TestDev
+from pyhv.devices.testdev import TestDev
 from pyhv.devices.uart16550 import Uart16550
 from pyhv.errors import ConfigError, GuestImageError
 from pyhv.iothread import IoThread
@@ -55,7 +56,6 @@ IDENTITY_MAP_ADDR = 0xFEFFC000       # as QEMU: one page, then the 3-page TSS
 TSS_ADDR = 0xFEFFD000
 
 DEFAULT_CMDLINE = "console=ttyS0 reboot=k panic=-1"
-DEBUGCON_PORT = 0x402
 EXIT_GUEST_CRASHED = 3               # internal error, failed entry, triple fault
 
 
@@ -109,7 +109,7 @@ class Machine:
             fix == "on" or (fix == "auto" and self.flavour.is_pvm)) else None
         self.coalesced = CoalescedIo.create(self.kvm, self.vm, self.vcpus[0].vcpu.run_map, self.io, self.memory)
         if self.coalesced is not None:
-            self.coalesced.add(DEBUGCON_PORT, DebugCon.SIZE)     # SeaBIOS's log: no exit per byte
+            self.coalesced.add(DebugCon.PORT, DebugCon.SIZE)     # SeaBIOS's log: no exit per byte
             for v in self.vcpus:
                 v.pre_exit = self.coalesced.drain
         self._initial_lapics = [v.vcpu.get_lapic() for v in self.vcpus]
@@ -188,19 +188,16 @@ class Machine:
         vm = self.vm
         return CallbackIrqLine(lambda level: vm.irq_line(gsi, int(level)))
 
-    def map_port(self, port: int, size: int, name: str, read: Callable[[int, int], int],
-                 write: Callable[[int, int, int], None], describe: Callable[[int], str] | None = None,
-                 owner: str | None = None) -> MemoryRegion:
-        region = MemoryRegion.io(name, size, read, write, owner=owner or name)
-        region.describe = describe
-        self.system_io.add_subregion(port, region)
-        return region
-
-    def map_mmio(self, addr: int, size: int, name: str, read: Callable[[int, int], int],
-                 write: Callable[[int, int, int], None], priority: int = 0) -> MemoryRegion:
-        region = MemoryRegion.io(name, size, read, write)
-        self.system_memory.add_subregion(addr, region, priority)
-        return region
+    def attach(self, device: Device) -> Device:
+        """Map every region `device` claims into the port or memory space and keep it for reset, statistics and
+        dumps (the one way a device joins the machine; PCI functions join through `PciBus.plug`)."""
+        if device.name in self.devices:
+            raise ValueError(f"two devices named {device.name!r}")
+        for claim in device.claims():
+            space = self.system_io if claim.space == "io" else self.system_memory
+            space.add_subregion(claim.address, claim.region, claim.priority)
+        self.devices[device.name] = device
+        return device
 
     def _open_chardev(self, spec) -> Chardev:
         chardev = open_chardev(spec, on_quit=lambda: self.shutdown(0, "quit from the console"),
@@ -210,35 +207,20 @@ class Machine:
 
     def _build_isa_devices(self) -> None:
         cfg = self.config
-        self.devices: dict[str, object] = {}
+        self.devices: dict[str, Device] = {}
         serial_out = self._open_chardev(cfg.serial)
         uart = Uart16550("serial0", self.irq_line(4), serial_out.write)
         serial_out.attach(uart.receive, self.iothread)
-        self.map_port(0x3F8, uart.SIZE, "serial0", uart.read, uart.write, uart.bank.register_name)
-        i8042 = I8042("i8042", self.irq_line(1), self.irq_line(12), on_reset=self._guest_reset)
-        self.map_port(0x60, 1, "i8042-data", lambda o, s: i8042.read(0, s), lambda o, s, v: i8042.write(0, s, v),
-                      lambda o: "i8042.data", owner="i8042")
-        self.map_port(0x64, 1, "i8042-cmd", lambda o, s: i8042.read(4, s), lambda o, s, v: i8042.write(4, s, v),
-                      lambda o: "i8042.status_command", owner="i8042")
         rtc = CmosRtc("rtc", self.irq_line(8), call_later=self.iothread.call_later)
         rtc.set_memory_size(self.below_4g, self.above_4g)
         rtc.set_cpu_count(cfg.cpus)
-        self.map_port(0x70, rtc.SIZE, "rtc", rtc.read, rtc.write, rtc.bank.register_name)
-        post = PostCode("post", log_codes=cfg.log_post)
-        self.map_port(0x80, post.SIZE, "post", post.read, post.write)
         debugcon_out = self._open_chardev(cfg.debugcon)
-        debugcon = DebugCon("debugcon", debugcon_out.write)
-        self.map_port(DEBUGCON_PORT, debugcon.SIZE, "debugcon", debugcon.read, debugcon.write)
-        debug_exit = DebugExit("debug-exit", on_exit=self._debug_exit)
-        self.map_port(0xF4, debug_exit.SIZE, "debug-exit", debug_exit.read, debug_exit.write)
-        self.devices.update({"serial0": uart, "i8042": i8042, "rtc": rtc, "post": post, "debugcon": debugcon,
-                             "debug-exit": debug_exit})
+        for device in (uart, I8042("i8042", self.irq_line(1), self.irq_line(12), on_reset=self._guest_reset), rtc,
+                       PostCode("post", log_codes=cfg.log_post), DebugCon("debugcon", debugcon_out.write),
+                       DebugExit("debug-exit", on_exit=self._debug_exit)):
+            self.attach(device)
         if "testdev" in cfg.devices:
-            testdev = TestDev("testdev")
-            self.map_port(TESTDEV_PORT, testdev.PORT_SIZE, "testdev", testdev.ports.read, testdev.ports.write,
-                          testdev.ports.register_name)
-            self.map_mmio(TESTDEV_MMIO, testdev.MMIO_SIZE, "testdev", testdev.mmio.read, testdev.mmio.write)
-            self.devices["testdev"] = testdev
+            self.attach(TestDev("testdev"))
 
     # --- exits that are not port or MMIO accesses ------------------------------------------------------------
     def _exit_handlers(self) -> dict:
@@ -472,9 +454,7 @@ class Machine:
             if was_running:
                 self._pause_vcpus()         # no STOP/RESUME events: a reset is one RESET event, as in QEMU
             for device in self.devices.values():
-                reset = getattr(device, "reset", None)
-                if reset:
-                    reset()
+                device.reset()
             for chip in self._initial_irqchips:
                 self.vm.set_irqchip(chip)
             for v, lapic in zip(self.vcpus, self._initial_lapics):

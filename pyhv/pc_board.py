@@ -17,18 +17,15 @@ from typing import TYPE_CHECKING
 
 from pyhv.arch.x86.smbios import smbios_tables
 from pyhv.devices.fw_cfg import (
-    E820_RAM, E820_RESERVED, FW_CFG_BOOT_MENU, FW_CFG_CTL_SIZE, FW_CFG_DMA_SIZE, FW_CFG_MAX_CPUS, FW_CFG_NB_CPUS,
-    FW_CFG_NOGRAPHIC, FW_CFG_PORT_DMA, FW_CFG_PORT_SEL, FW_CFG_RAM_SIZE, FW_CFG_UUID, FwCfg, e820_table,
-    pci_boot_path,
+    E820_RAM, E820_RESERVED, FW_CFG_BOOT_MENU, FW_CFG_MAX_CPUS, FW_CFG_NB_CPUS, FW_CFG_NOGRAPHIC, FW_CFG_RAM_SIZE,
+    FW_CFG_UUID, FwCfg, e820_table, pci_boot_path,
 )
 from pyhv.devices.i440fx import I440fx
-from pyhv.devices.pci.bus import (
-    PCI_CONFIG_ADDRESS_PORT, PCI_CONFIG_DATA_PORT, PciBus, PciHostPorts,
-)
+from pyhv.devices.pci.bus import PciBus, PciHostPorts
 from pyhv.devices.pci.device import PciDevice
 from pyhv.devices.piix3 import Piix3
 from pyhv.devices.piix4_pm import Piix4Pm
-from pyhv.devices.port92 import PORT_A20, Port92
+from pyhv.devices.port92 import Port92
 from pyhv.irq_routing import GsiRouter
 
 if TYPE_CHECKING:
@@ -50,11 +47,7 @@ class PcBoard:
         cfg = machine.config
         self.gsi_router = GsiRouter(machine.vm)
         self.bus = PciBus(machine.system_memory, machine.system_io)
-        self.host = PciHostPorts(self.bus, on_reset=machine._guest_reset)
-        machine.map_port(PCI_CONFIG_ADDRESS_PORT, PciHostPorts.ADDRESS_SIZE, "pci-conf-addr", self.host.address_read,
-                         self.host.address_write, self.host.address_describe, owner="pci-host")
-        machine.map_port(PCI_CONFIG_DATA_PORT, PciHostPorts.DATA_SIZE, "pci-conf-data", self.host.data_read,
-                         self.host.data_write, self.host.data_describe, owner="pci-host")
+        self.host = machine.attach(PciHostPorts(self.bus, on_reset=machine._guest_reset))
         self.i440fx = I440fx("i440fx", machine.system_memory, machine.ram_region, pci_read=self._isa_bios_read)
         self.bus.plug(self.i440fx, 0, 0)
         self.piix3 = Piix3("piix3", machine.irq_line, read_elcr=self._read_elcr)
@@ -64,17 +57,10 @@ class PcBoard:
                           on_poweroff=lambda: machine.shutdown(0, "guest powered off (ACPI S5)"))
         self.bus.plug(self.pm, PIIX3_SLOT, PIIX4_PM_FUNCTION)
 
-        self.fw_cfg = FwCfg("fw_cfg", machine.guest_memory)
-        machine.map_port(FW_CFG_PORT_SEL, FW_CFG_CTL_SIZE, "fw_cfg", self.fw_cfg.ctl_read, self.fw_cfg.ctl_write,
-                         self.fw_cfg.ctl_describe)
-        machine.map_port(FW_CFG_PORT_DMA, FW_CFG_DMA_SIZE, "fw_cfg-dma", self.fw_cfg.dma_read,
-                         self.fw_cfg.dma_write, self.fw_cfg.dma_describe, owner="fw_cfg")
-        self.port92 = Port92("port92", on_reset=machine._guest_reset)
-        machine.map_port(PORT_A20, Port92.SIZE, "port92", self.port92.read, self.port92.write,
-                         self.port92.bank.register_name)
+        self.fw_cfg = machine.attach(FwCfg("fw_cfg", machine.guest_memory))
+        self.port92 = machine.attach(Port92("port92", on_reset=machine._guest_reset))
         self.boot_devices: list[tuple[int, PciDevice]] = []     # (boot index, device) for `bootorder`
-        machine.devices.update({"pci-host": self.host, "pci": self.bus, "fw_cfg": self.fw_cfg,
-                                "port92": self.port92})
+        machine.devices["pci"] = self.bus
         self._fill_fw_cfg()
         self.virtio: list = []
         for i, drive in enumerate(cfg.drives):

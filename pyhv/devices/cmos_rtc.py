@@ -15,6 +15,7 @@ from typing import Callable
 
 from pyhv.devices.irq import IrqLine, NullIrqLine
 from pyhv.devices.registers import Register, RegisterBank
+from pyhv.devices.device import Claim, device_region
 
 RTC_SECONDS, RTC_SECONDS_ALARM, RTC_MINUTES, RTC_MINUTES_ALARM = 0x00, 0x01, 0x02, 0x03
 RTC_HOURS, RTC_HOURS_ALARM, RTC_DAY_OF_WEEK, RTC_DAY_OF_MONTH = 0x04, 0x05, 0x06, 0x07
@@ -69,6 +70,7 @@ class CmosRtc:
         Register(1, "data", read="_read_data", write="_write_data"),
     )
     SIZE = 2
+    PORT = 0x70
 
     def __init__(self, name: str = "rtc", irq: IrqLine | None = None, clock: Callable[[], float] = time.time,
                  call_later: Callable[[float, Callable[[], None]], object] | None = None) -> None:
@@ -93,6 +95,18 @@ class CmosRtc:
     def write(self, offset: int, size: int, value: int) -> None:
         with self.lock:
             self.bank.write(offset, size, value)
+
+
+    def claims(self) -> list[Claim]:
+        return [Claim.port(self.PORT, device_region(self, self.SIZE))]
+
+    def reset(self) -> None:
+        """The chip's RESET pin (a system reset): interrupt enables and flags clear; the time and the
+        battery-backed NVRAM stay."""
+        with self.lock:
+            self.state.nvram[RTC_REG_B] &= ~(RTC_REG_B_PIE | RTC_REG_B_AIE | RTC_REG_B_UIE) & 0xFF
+            self.state.last_c_read = self.clock()
+            self.irq.set_level(False)
 
     # --- NVRAM the machine fills in -----------------------------------------------------------------------
     def set_memory_size(self, below_4g: int, above_4g: int) -> None:

@@ -20,7 +20,7 @@ Optional: `close()` (host resources: files, taps, fds) and `describe() -> dict` 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Literal, Protocol, Sequence, runtime_checkable
+from typing import TYPE_CHECKING, Any, Callable, Literal, Protocol, Sequence, runtime_checkable
 
 if TYPE_CHECKING:
     from pyhv.memory import MemoryRegion
@@ -54,3 +54,24 @@ class Device(Protocol):
     def claims(self) -> Sequence[Claim]: ...
 
     def reset(self) -> None: ...
+
+
+def device_region(device: Any, size: int, name: str | None = None, base: int = 0,
+                  read: Callable[[int, int], int] | None = None,
+                  write: Callable[[int, int, int], None] | None = None,
+                  describe: Callable[[int], str] | None = None) -> "MemoryRegion":
+    """The region of `size` bytes through which the guest reaches `device`: accesses call `read(offset, size)` and
+    `write(offset, size, value)` (the device's own `read`/`write` by default) with `base` added to the offset, so
+    one register file can be claimed in pieces (the i8042's 0x60 and 0x64). Exit statistics and traces name the
+    register through `describe`, or the device's `RegisterBank` when it has one."""
+    from pyhv.memory import MemoryRegion
+    read = read or device.read
+    write = write or device.write
+    if base:
+        read = (lambda offset, size, _r=read: _r(base + offset, size))
+        write = (lambda offset, size, value, _w=write: _w(base + offset, size, value))
+    region = MemoryRegion.io(name or device.name, size, read, write, owner=device.name)
+    if describe is None and getattr(device, "bank", None) is not None:
+        describe = (lambda offset: device.bank.register_name(base + offset))
+    region.describe = describe
+    return region

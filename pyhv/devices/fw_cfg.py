@@ -22,6 +22,7 @@ import threading
 from dataclasses import dataclass
 from typing import Callable
 
+from pyhv.devices.device import Claim, device_region
 from pyhv.memory import GuestMemory, GuestMemoryError
 
 log = logging.getLogger(__name__)
@@ -193,6 +194,13 @@ class FwCfg:
 
     def dma_describe(self, offset: int) -> str:
         return f"{self.name}.dma_{'high' if offset < 4 else 'low'}"
+
+    def claims(self) -> list[Claim]:
+        return [Claim.port(FW_CFG_PORT_SEL, device_region(self, FW_CFG_CTL_SIZE, read=self.ctl_read,
+                                                          write=self.ctl_write, describe=self.ctl_describe)),
+                Claim.port(FW_CFG_PORT_DMA, device_region(self, FW_CFG_DMA_SIZE, f"{self.name}-dma",
+                                                          read=self.dma_read, write=self.dma_write,
+                                                          describe=self.dma_describe))]
 
     # --- DMA ---------------------------------------------------------------------------------------------------
     def dma_transfer(self, access_addr: int) -> None:

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 from pyhv.devices.irq import IrqLine, NullIrqLine
+from pyhv.devices.device import Claim, device_region
 from pyhv.devices.registers import Register, RegisterBank
 
 I8042_STR_OBF = 0x01
@@ -66,6 +67,7 @@ class I8042:
         Register(4, "status_command", read="_read_status", write="_write_command"),
     )
     SIZE = 5
+    DATA_PORT, COMMAND_PORT = 0x60, 0x64
 
     def __init__(self, name: str = "i8042", kbd_irq: IrqLine | None = None, aux_irq: IrqLine | None = None,
                  on_reset: Callable[[], None] | None = None) -> None:
@@ -91,6 +93,10 @@ class I8042:
                 reset = True
         if reset:
             self.on_reset()          # outside the lock: the machine may reset this very device
+
+    def claims(self) -> list[Claim]:
+        return [Claim.port(self.DATA_PORT, device_region(self, 1, "i8042-data")),
+                Claim.port(self.COMMAND_PORT, device_region(self, 1, "i8042-cmd", base=4))]
 
     def reset(self) -> None:
         with self.lock:

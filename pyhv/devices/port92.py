@@ -7,6 +7,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Callable
 
+from pyhv.devices.device import Claim, device_region
 from pyhv.devices.registers import Register, RegisterBank
 
 PORT_A20 = 0x92
@@ -37,6 +38,9 @@ class Port92:
         self.state.value = (value & ~FAST_RESET_BIT) | A20_ENABLE_BIT
         if value & FAST_RESET_BIT and self.on_reset is not None:
             self.on_reset()
+
+    def claims(self) -> list[Claim]:
+        return [Claim.port(PORT_A20, device_region(self, self.SIZE))]
 
     def reset(self) -> None:
         self.state.value = A20_ENABLE_BIT

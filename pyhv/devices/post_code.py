@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from pyhv.devices.device import Claim, device_region
 
 log = logging.getLogger(__name__)
 
@@ -16,6 +17,7 @@ class PostCodeState:
 
 class PostCode:
     SIZE = 1
+    PORT = 0x80
 
     def __init__(self, name: str = "post", log_codes: bool = False) -> None:
         self.name = name
@@ -30,6 +32,10 @@ class PostCode:
         self.state.writes += 1
         if self.log_codes:
             log.info("POST code %#04x", value & 0xFF)
+
+
+    def claims(self) -> list[Claim]:
+        return [Claim.port(self.PORT, device_region(self, self.SIZE))]
 
     def reset(self) -> None:
         self.state = PostCodeState()

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from pyhv.devices.device import Claim
 from pyhv.devices.registers import Register, RegisterBank
 
 TESTDEV_PORT = 0xE0
@@ -45,6 +46,10 @@ class TestDev:
     def _write_scratch(self, value: int) -> None:
         self.state.mmio_scratch = value & 0xFFFFFFFF
         self.state.mmio_writes += 1
+
+    def claims(self) -> list[Claim]:
+        return [Claim.port(TESTDEV_PORT, self.ports.region(self.PORT_SIZE, self.name)),
+                Claim.mmio(TESTDEV_MMIO, self.mmio.region(self.MMIO_SIZE, self.name))]
 
     def reset(self) -> None:
         self.state.port_scratch = self.state.mmio_scratch = self.state.mmio_writes = 0

@@ -13,6 +13,7 @@ from typing import Callable
 
 from pyhv.devices.irq import IrqLine, NullIrqLine
 from pyhv.devices.registers import Register, RegisterBank
+from pyhv.devices.device import Claim, device_region
 
 # Line status register
 UART_LSR_DR = 0x01
@@ -94,6 +95,7 @@ class Uart16550:
         Register(7, "scr", reset=0),
     )
     SIZE = 8
+    PORT = 0x3F8                # COM1
 
     def __init__(self, name: str = "serial0", irq: IrqLine | None = None,
                  output: Callable[[bytes], None] | None = None) -> None:
@@ -113,6 +115,10 @@ class Uart16550:
     def write(self, offset: int, size: int, value: int) -> None:
         with self.lock:
             self.bank.write(offset, size, value)
+
+
+    def claims(self) -> list[Claim]:
+        return [Claim.port(self.PORT, device_region(self, self.SIZE))]
 
     def reset(self) -> None:
         with self.lock:

@@ -11,8 +11,10 @@ function. No function there (or enable clear): reads return all ones, writes are
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 from typing import Callable, Protocol
 
+from pyhv.devices.device import Claim, device_region
 from pyhv.devices.pci.constants import CLASS_NAMES, PCI_HEADER_TYPE, PCI_HEADER_TYPE_MULTI_FUNCTION
 from pyhv.devices.pci.device import Bar, PciDevice
 from pyhv.memory import MemoryRegion
@@ -129,6 +131,12 @@ def _size(n: int) -> str:
     return str(n)
 
 
+@dataclass
+class PciHostState:
+    config_address: int = 0
+    reset_control: int = 0
+
+
 class PciHostPorts:
     """Configuration mechanism #1 in front of a `PciBus` (the i440FX's 0xCF8/0xCFC), plus the PIIX3 reset control
     register that shares the dword at 0xCF8."""
@@ -136,27 +144,35 @@ class PciHostPorts:
     ADDRESS_SIZE = 4
     DATA_SIZE = 4
 
-    def __init__(self, bus: PciBus, on_reset: Callable[[], None] | None = None) -> None:
+    def __init__(self, bus: PciBus, on_reset: Callable[[], None] | None = None, name: str = "pci-host") -> None:
+        self.name = name
         self.bus = bus
-        self.config_address = 0
-        self.reset_control = 0
+        self.state = PciHostState()
         self.on_reset = on_reset
+
+    def claims(self) -> list[Claim]:
+        return [Claim.port(PCI_CONFIG_ADDRESS_PORT, device_region(
+                    self, self.ADDRESS_SIZE, "pci-conf-addr", read=self.address_read, write=self.address_write,
+                    describe=self.address_describe)),
+                Claim.port(PCI_CONFIG_DATA_PORT, device_region(
+                    self, self.DATA_SIZE, "pci-conf-data", read=self.data_read, write=self.data_write,
+                    describe=self.data_describe))]
 
     # 0xCF8-0xCFB
     def address_read(self, offset: int, size: int) -> int:
         if offset == 0 and size == 4:
-            return self.config_address
+            return self.state.config_address
         if offset == 1 and size == 1:
-            return self.reset_control
+            return self.state.reset_control
         return (1 << (8 * size)) - 1
 
     def address_write(self, offset: int, size: int, value: int) -> None:
         if offset == 0 and size == 4:
-            self.config_address = value & CONFIG_ADDRESS_WRITABLE
+            self.state.config_address = value & CONFIG_ADDRESS_WRITABLE
         elif offset == 1 and size == 1:
-            old, self.reset_control = self.reset_control, value & (RCR_SYS_RST | RCR_RST_CPU)
+            old, self.state.reset_control = self.state.reset_control, value & (RCR_SYS_RST | RCR_RST_CPU)
             if value & RCR_RST_CPU and not old & RCR_RST_CPU and self.on_reset is not None:
-                self.reset_control = 0
+                self.state.reset_control = 0
                 self.on_reset()
 
     def address_describe(self, offset: int) -> str:
@@ -164,7 +180,7 @@ class PciHostPorts:
 
     # 0xCFC-0xCFF
     def data_read(self, offset: int, size: int) -> int:
-        addr = self.config_address
+        addr = self.state.config_address
         if addr & CONFIG_ADDRESS_ENABLE:
             device = self.bus.find((addr >> 16) & 0xFF, (addr >> 8) & 0xFF)
             if device is not None:
@@ -172,7 +188,7 @@ class PciHostPorts:
         return (1 << (8 * size)) - 1
 
     def data_write(self, offset: int, size: int, value: int) -> None:
-        addr = self.config_address
+        addr = self.state.config_address
         if addr & CONFIG_ADDRESS_ENABLE:
             device = self.bus.find((addr >> 16) & 0xFF, (addr >> 8) & 0xFF)
             if device is not None:
@@ -182,5 +198,4 @@ class PciHostPorts:
         return "pci.config_data"
 
     def reset(self) -> None:
-        self.config_address = 0
-        self.reset_control = 0
+        self.state = PciHostState()
