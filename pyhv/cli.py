@@ -58,11 +58,9 @@ def _add_run_options(p: argparse.ArgumentParser) -> None:
                          "emulate, and KVM's paravirt leaves); auto: nested-safe on PVM hosts")
     hw.add_argument("--memory-backend", choices=("anon", "memfd"), default="anon",
                     help="anon: private memory; memfd: shareable with other processes (vhost-user)")
-    hw.add_argument("--device", action="append", default=[], metavar="NAME",
-                    help="add a device: testdev (port 0xe0 and MMIO 0xfe800000 scratch registers for tests); "
-                         "vhost-user-blk-pci,socket=PATH (also -net-, -rng-, and vhost-user-pci,type=T,socket=PATH: "
-                         "a virtio device served by a vhost-user back end; needs --machine pc --memory-backend "
-                         "memfd)")
+    hw.add_argument("--device", action="append", default=[], metavar="NAME[,OPTIONS]",
+                    help="add a device, e.g. virtio-rng-pci, testdev, vhost-user-blk-pci,socket=PATH (vhost-user "
+                         "needs --memory-backend memfd); `--device help` lists them all with their options")
     hw.add_argument("--drive", action="append", default=[], metavar="SPEC",
                     help="virtio-blk disk (--machine pc): file=PATH[,readonly=on][,cache=none|writeback]"
                          "[,serial=ID][,num-queues=N][,bootindex=N]; repeat for more disks")
@@ -148,6 +146,10 @@ def config_from_args(args: argparse.Namespace) -> "VmConfig":
     from pyhv.config import DriveConfig, NetConfig, VmConfig, parse_size
     from pyhv.runargs import apply_file
 
+    if "help" in args.device or "?" in args.device:
+        from pyhv.registry import help_text
+        print(help_text())
+        raise SystemExit(0)
     config = VmConfig(
         machine=args.machine, memory=parse_size(args.memory), cpus=args.cpus, memory_backend=args.memory_backend,
         firmware=args.firmware, kernel=args.kernel, initrd=args.initrd, append=args.append,

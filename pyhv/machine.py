@@ -33,10 +33,10 @@ from pyhv.devices.debug_exit import DebugExit
 from pyhv.coalesced_io import DRAIN_INTERVAL, CoalescedIo
 from pyhv.devices.debugcon import DebugCon
 from pyhv.devices.device import Device
+from pyhv.devices.device_type import PLATFORM, DeviceContext
 from pyhv.devices.i8042 import I8042
 from pyhv.devices.irq import CallbackIrqLine
 from pyhv.devices.post_code import PostCode
-from pyhv.devices.testdev import TestDev
 from pyhv.devices.uart16550 import Uart16550
 from pyhv.errors import ConfigError, GuestImageError
 from pyhv.iothread import IoThread
@@ -219,8 +219,12 @@ class Machine:
                        PostCode("post", log_codes=cfg.log_post), DebugCon("debugcon", debugcon_out.write),
                        DebugExit("debug-exit", on_exit=self._debug_exit)):
             self.attach(device)
-        if "testdev" in cfg.devices:
-            self.attach(TestDev("testdev"))
+        positions: dict[str, int] = {}
+        for spec in cfg.device_specs():
+            if spec.transport == PLATFORM:
+                position = positions[spec.type.name] = positions.get(spec.type.name, -1) + 1
+                name = spec.type.name + (str(position) if position else "")
+                self.attach(spec.type.create(DeviceContext(name, position, self), spec.options))
 
     # --- exits that are not port or MMIO accesses ------------------------------------------------------------
     def _exit_handlers(self) -> dict:

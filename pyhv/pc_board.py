@@ -16,6 +16,7 @@ import uuid as uuid_mod
 from typing import TYPE_CHECKING
 
 from pyhv.arch.x86.smbios import smbios_tables
+from pyhv.devices.device_type import PCI, DeviceContext, DeviceSpec
 from pyhv.devices.fw_cfg import (
     E820_RAM, E820_RESERVED, FW_CFG_BOOT_MENU, FW_CFG_MAX_CPUS, FW_CFG_NB_CPUS, FW_CFG_NOGRAPHIC, FW_CFG_RAM_SIZE,
     FW_CFG_UUID, FwCfg, e820_table, pci_boot_path,
@@ -27,6 +28,7 @@ from pyhv.devices.piix3 import Piix3
 from pyhv.devices.piix4_pm import Piix4Pm
 from pyhv.devices.port92 import Port92
 from pyhv.irq_routing import GsiRouter
+from pyhv.virtio.device import VIRTIO_ID_BLOCK
 
 if TYPE_CHECKING:
     from pyhv.machine import Machine
@@ -63,22 +65,19 @@ class PcBoard:
         machine.devices["pci"] = self.bus
         self._fill_fw_cfg()
         self.virtio: list = []
-        for i, drive in enumerate(cfg.drives):
-            self.add_drive(drive, i)
-        for i, net in enumerate(cfg.nets):
-            self.add_nic(net, i)
-        for i, vu in enumerate(cfg.vhost_user_devices()):
-            self.add_vhost_user(vu, i)
+        positions: dict[str, int] = {}
+        for spec in cfg.device_specs():
+            if spec.transport == PCI:
+                position = positions[spec.type.name] = positions.get(spec.type.name, -1) + 1
+                self.add_device(spec, position)
 
-    def add_vhost_user(self, vu, position: int) -> PciDevice:
-        from pyhv.vhost.frontend import VhostUserFrontend
-        from pyhv.virtio.net import parse_mac
-
-        backend = VhostUserFrontend(vu.socket, vu.device_id, self.vhost_memory_regions, self.machine.iothread,
-                                    num_queues=vu.num_queues, queue_size=vu.queue_size,
-                                    mac=parse_mac(vu.mac) if vu.mac else None)
-        boot_index = vu.bootindex if vu.bootindex is not None else 2000 + position
-        return self.add_virtio(f"vhost-user{position}", backend, boot_index if vu.device_id == 2 else None)
+    def add_device(self, spec: DeviceSpec, position: int) -> PciDevice:
+        """A registry device behind virtio-pci, named NAME<position> (virtio-blk0), in the firmware's boot order
+        when it is a disk."""
+        name = f"{spec.type.name}{position}"
+        backend = spec.type.create(DeviceContext(name, position, self.machine, self), spec.options)
+        boot_index = spec.boot_index(position) if backend.device_id == VIRTIO_ID_BLOCK else None
+        return self.add_virtio(name, backend, boot_index)
 
     def vhost_memory_regions(self) -> list[tuple[int, int, int, int, int]]:
         """Guest RAM as vhost-user regions (gpa, size, user address, offset in the memfd, memfd)."""
@@ -91,19 +90,6 @@ class PcBoard:
         if m.above_4g:
             regions.append((FOUR_GIB, m.above_4g, ram.host_addr + m.below_4g, m.below_4g, fd))
         return regions
-
-    def add_drive(self, drive, position: int) -> PciDevice:
-        from pyhv.virtio.blk import VirtioBlk
-
-        boot_index = drive.bootindex if drive.bootindex is not None else 1000 + position
-        return self.add_virtio(f"virtio-blk{position}", VirtioBlk.from_config(drive), boot_index)
-
-    def add_nic(self, net, position: int) -> PciDevice:
-        from pyhv.virtio.net import VirtioNet
-
-        name = f"virtio-net{position}"
-        return self.add_virtio(name, VirtioNet(tap=net.tap, mac=net.mac, iothread=self.machine.iothread, name=name),
-                               None)
 
     def add_virtio(self, name: str, backend, boot_index: int | None) -> PciDevice:
         """Plug a virtio back end behind a virtio-pci function."""

@@ -40,6 +40,10 @@ class TestDev:
         self.ports = RegisterBank(self, self.PORT_REGISTERS, self.state, f"{name}.port")
         self.mmio = RegisterBank(self, self.MMIO_REGISTERS, self.state, f"{name}.mmio")
 
+    @classmethod
+    def create(cls, context, options: None) -> "TestDev":
+        return cls(context.name)
+
     def _read_scratch(self) -> int:
         return self.state.mmio_scratch
 

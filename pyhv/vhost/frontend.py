@@ -43,6 +43,13 @@ Region = tuple[int, int, int, int, int]          # gpa, size, user address, fd o
 class VhostUserFrontend(VirtioDevice):
     external_data_plane = True
 
+    @classmethod
+    def create(cls, context, vu) -> "VhostUserFrontend":
+        """From a `VhostUserConfig`, on a board with `vhost_memory_regions` (guest RAM in a shared memfd)."""
+        from pyhv.virtio.net import parse_mac
+        return cls(vu.socket, vu.device_id, context.board.vhost_memory_regions, context.machine.iothread,
+                   num_queues=vu.num_queues, queue_size=vu.queue_size, mac=parse_mac(vu.mac) if vu.mac else None)
+
     def __init__(self, socket_path: str, device_id: int, memory_regions: Callable[[], list[Region]],
                  iothread, num_queues: int | None = None, queue_size: int = 256, mac: bytes | None = None,
                  name: str | None = None, connect_wait: float = 10.0) -> None:

@@ -233,6 +233,10 @@ class VirtioBlk(VirtioDevice):
         return cls(drive.file, readonly=drive.readonly, cache=drive.cache, serial=drive.serial,
                    num_queues=drive.num_queues, **kwargs)
 
+    @classmethod
+    def create(cls, context, drive) -> "VirtioBlk":
+        return cls.from_config(drive)
+
     @property
     def capacity(self) -> int:
         return self.image.sectors

@@ -112,6 +112,10 @@ class VirtioNet(VirtioDevice):
     queue_sizes = (256, 256)
     name = "virtio-net"
 
+    @classmethod
+    def create(cls, context, net) -> "VirtioNet":
+        return cls(tap=net.tap, mac=net.mac, iothread=context.machine.iothread, name=context.name)
+
     def __init__(self, tap: str | None = None, mac: str | None = None, iothread=None, name: str | None = None,
                  tap_fd: int | None = None) -> None:
         """`tap` names the tap to open (created if missing); or `tap_fd` is an already open one (ownership

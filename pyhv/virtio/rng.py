@@ -19,6 +19,10 @@ class VirtioRng(VirtioDevice):
         super().__init__(name)
         self.bytes_given = 0
 
+    @classmethod
+    def create(cls, context, options: None) -> "VirtioRng":
+        return cls(context.name)
+
     def process(self, queue_index: int) -> None:
         self.serve(self.queues[queue_index], self._fill)
 

@@ -96,3 +96,19 @@ def test_virtio_net_driver_moves_tcp_both_ways(linux_guest, netns):
     sent = dict(line.split("=", 1) for line in out_server.splitlines() if "=" in line)
     assert got["rxsum"] == sent["sentsum"]
     assert int(sent["recvlen"]) == n and sent["recvsum"] == got["txsum"] and got["ack"] == "received"
+
+
+def test_virtio_rng_from_the_registry_feeds_dev_hwrng(linux_guest):
+    """`--device virtio-rng-pci` (a registry device, no wiring of its own): Linux's virtio_rng binds and
+    /dev/hwrng gives bytes that are not all the same."""
+    status, out = boot_pc(linux_guest, "; ".join([
+        "echo current=$(cat /sys/class/misc/hw_random/rng_current)",
+        "dd if=/dev/hwrng of=/tmp/r bs=512 count=8 2>/dev/null; echo dd=$?",
+        "echo size=$(wc -c < /tmp/r)",
+        "echo distinct=$(od -An -v -tx1 /tmp/r | tr ' ' '\\n' | grep . | sort -u | wc -l)",
+    ]), "--device", "virtio-rng-pci")
+    assert status == debug_exit_status(0), out[-3000:]
+    got = values(out)
+    assert got["current"].startswith("virtio_rng"), got
+    assert got["dd"] == "0" and got["size"] == "4096"
+    assert int(got["distinct"]) > 200          # 4 KiB from getrandom(2) has nearly all 256 byte values
