@@ -569,9 +569,12 @@ class VirtioMmioDevice:
             self._raise(VIRTIO_MMIO_INT_VRING)
 
     def config_changed(self) -> None:
+        """The configuration changed: a new ConfigGeneration, and (once the driver is running: before that it
+        may have no handler for a level interrupt that would stay high) InterruptStatus bit 1."""
         with self._irq_lock:
             self.state.config_generation += 1
-            self._raise(VIRTIO_MMIO_INT_CONFIG)
+            if self.state.status & VIRTIO_CONFIG_S_DRIVER_OK:
+                self._raise(VIRTIO_MMIO_INT_CONFIG)
 
     def _needs_reset(self) -> None:
         with self._irq_lock:

@@ -392,3 +392,10 @@ def test_irqfd_with_resample():
 def _readable(fd: int) -> bool:
     import select
     return bool(select.select([fd], [], [], 0)[0])
+
+
+def test_config_change_before_driver_ok_raises_no_interrupt(rig):
+    rig.status(VIRTIO_CONFIG_S_ACKNOWLEDGE | VIRTIO_CONFIG_S_DRIVER)
+    rig.dev.config_changed()
+    assert rig.r(CONFIG_GEN) == 1
+    assert rig.r(INT_STATUS) == 0 and not rig.line.level
