@@ -20,7 +20,9 @@ Interrupts: InterruptStatus bit 0 (used buffers) and bit 1 (configuration change
 high while InterruptStatus is not zero; the driver's InterruptACK clears the bits it writes and the line drops
 when none is left. With `irqfd` (a KVM irqfd registered with KVM_IRQFD_FLAG_RESAMPLE for the line's GSI) and its
 `resamplefd`, raising the line is an eventfd write (no ioctl), KVM lowers it at the guest's EOI and signals the
-resample eventfd, and the I/O thread raises it again if InterruptStatus is still not zero.
+resample eventfd, and the I/O thread raises it again if InterruptStatus is still not zero (`irqfd` alone, without
+resampling, is an edge per write). An ACK that leaves bits set makes a new edge, so a pin the guest programmed
+edge-triggered (the MP table's ISA default) loses nothing either.
 
 Guest mistakes (an access that is not 32-bit and aligned to a control register, a write to a read-only register,
 a queue register for a queue that does not exist, a queue size above the maximum or not a power of 2, queue
@@ -193,7 +195,8 @@ class VirtioMmioDevice:
         """`memory`: guest memory for the back end (`GuestMemory`); `iothread`: runs ioeventfd kicks and the
         irqfd resample (None: no ioeventfds, no irqfd); `base`: the guest-physical address `claims()` maps the
         window at; `irq`: the level-triggered line (used unless `irqfd` is given); `irqfd`/`resamplefd`: an
-        eventfd pair registered with KVM_IRQFD + KVM_IRQFD_FLAG_RESAMPLE on the line's GSI (both or neither)."""
+        eventfd pair registered with KVM_IRQFD + KVM_IRQFD_FLAG_RESAMPLE on the line's GSI (level), or `irqfd`
+        alone registered without resampling (each write is an edge: for a pin programmed edge-triggered)."""
         self.name = name
         self.backend = backend
         self.memory = memory
@@ -214,8 +217,8 @@ class VirtioMmioDevice:
         self.region.describe = self._describe_offset
 
         # interrupts: the line, or a resampling irqfd
-        if (irqfd is None) != (resamplefd is None):
-            raise ValueError(f"{name}: irqfd and resamplefd go together")
+        if resamplefd is not None and irqfd is None:
+            raise ValueError(f"{name}: a resamplefd without an irqfd")
         if resamplefd is not None and iothread is None:
             raise ValueError(f"{name}: a resampling irqfd needs the I/O thread")
         self.irqfd = irqfd
@@ -340,7 +343,7 @@ class VirtioMmioDevice:
             with self.tlock:
                 return self.bank.read(offset, size)
         except Exception:                       # never into the vCPU loop
-            log.exception("%s: read at %#x", self.name, offset)
+            self._bug("read", offset)
             return 0
 
     def write(self, offset: int, size: int, value: int) -> None:
@@ -362,7 +365,13 @@ class VirtioMmioDevice:
             with self.tlock:
                 self.bank.write(offset, size, value & 0xFFFFFFFF)
         except Exception:
-            log.exception("%s: write %#x at %#x", self.name, value, offset)
+            self._bug("write", offset)
+
+    def _bug(self, what: str, offset: int) -> None:
+        key = f"bug-{what}-{offset:#x}"
+        if key not in self._warned:
+            self._warned.add(key)
+            log.exception("%s: %s at %#x failed (ignored; logged once)", self.name, what, offset)
 
     def warn_once(self, key: str, message: str, *args: object) -> None:
         if key not in self._warned:
@@ -583,8 +592,19 @@ class VirtioMmioDevice:
 
     def _write_ack(self, value: int) -> None:
         with self._irq_lock:
-            self.state.interrupt_status &= ~value & 0xFFFFFFFF
-            self._update_line()
+            st = self.state
+            old = st.interrupt_status
+            st.interrupt_status &= ~value & 0xFFFFFFFF
+            if st.interrupt_status and st.interrupt_status != old:
+                # bits the driver did not see are left: a new edge, so a pin programmed edge-triggered (or an
+                # irqfd without resampling) does not lose them
+                if self.irqfd is not None:
+                    self._write_irqfd()
+                else:
+                    self.irq.set_level(False)
+                    self.irq.set_level(True)
+            else:
+                self._update_line()
 
     def _raise(self, bit: int) -> None:
         """Under _irq_lock."""

@@ -188,6 +188,7 @@ def test_ack_of_some_bits_keeps_the_line_up(rig):
     assert rig.r(INT_STATUS) == 3 and rig.r(CONFIG_GEN) == 1
     rig.w(INT_ACK, 1)
     assert rig.line.level and rig.r(INT_STATUS) == 2
+    assert rig.levels == [True, False, True]            # a fresh edge for the bit left over
     rig.w(INT_ACK, 2)
     assert not rig.line.level
 
@@ -399,3 +400,29 @@ def test_config_change_before_driver_ok_raises_no_interrupt(rig):
     rig.dev.config_changed()
     assert rig.r(CONFIG_GEN) == 1
     assert rig.r(INT_STATUS) == 0 and not rig.line.level
+
+
+def test_irqfd_without_resample_is_an_edge_per_write():
+    irqfd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+    r = Rig(irqfd=irqfd)
+    try:
+        drv = r.bring_up()
+        drv.publish(drv.add([(8, True)]))
+        r.w(Q_NOTIFY, 0)
+        assert os.eventfd_read(irqfd) == 1
+        r.dev.config_changed()
+        assert os.eventfd_read(irqfd) == 1
+        r.w(INT_ACK, 1)                                 # bit 1 left: written again
+        assert os.eventfd_read(irqfd) == 1
+        r.w(INT_ACK, 2)
+        assert not _readable(irqfd) and r.levels == []
+    finally:
+        r.dev.close()
+        os.close(irqfd)
+
+
+def test_resamplefd_needs_irqfd_and_iothread():
+    with pytest.raises(ValueError):
+        Rig(resamplefd=5)
+    with pytest.raises(ValueError):
+        Rig(irqfd=5, resamplefd=6)                      # no I/O thread to read the resample eventfd
