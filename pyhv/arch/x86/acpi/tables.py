@@ -275,7 +275,7 @@ class Fadt:
                             self.gpe0_blk_len if gpe0 else 0, 0, 0, 0)
         # P_LVL2_LAT > 100 and P_LVL3_LAT > 1000: no C2/C3
         body += struct.pack("<HHHH BBBBB H B I", 0 if hw else 0xFFF, 0 if hw else 0xFFFF, 0, 0,
-                            0, 0, 0, 0, self.century, 0 if hw else self.iapc_boot_arch, 0, self.effective_flags())
+                            0, 0, 0, 0, self.century, self.iapc_boot_arch, 0, self.effective_flags())
         body += self.reset_reg.encode()
         body += struct.pack("<BHB", self.reset_value, 0, FADT_MINOR_REVISION)
         # FACS: the 32-bit FIRMWARE_CTRL when it fits, then X_FIRMWARE_CTRL must be zero (5.2.9)
