@@ -386,6 +386,10 @@ def disassemble(tmp_path, name: str, data: bytes) -> str:
     assert proc.returncode == 0, proc.stdout + proc.stderr
     text = (tmp_path / f"{name}.dsl").read_text()
     assert "Error" not in proc.stdout + proc.stderr, proc.stdout + proc.stderr
+    # and iasl compiles its own disassembly again without errors
+    proc = subprocess.run([IASL, "-p", str(tmp_path / f"re-{name}"), str(tmp_path / f"{name}.dsl")], cwd=tmp_path,
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0 and " 0 Errors" in proc.stdout, proc.stdout + proc.stderr
     return text
 
 
@@ -407,7 +411,9 @@ def test_iasl_disassembly(tmp_path, make, vcpus):
     devs = dsl_devices(dsdt)
     hid = {name: re.search(r'_HID, (?:EisaId \()?"(\w+)"', body).group(1) for name, body in devs.items()}
     if make is pc_config:
-        assert hid == {"PCI0": "PNP0A03", "COM1": "PNP0501", "PS2K": "PNP0303", "RTC": "PNP0B00"}
+        assert hid == {"PCI0": "PNP0A03", "COM1": "PNP0501", "PS2K": "PNP0303", "PS2M": "PNP0F13",
+                       "RTC": "PNP0B00"}
+        assert "{12}" in devs["PS2M"]
         pci = devs["PCI0"]
         assert "WordBusNumber" in pci and re.search(r"0x0000,\s+// Range Minimum\s+0x00FF,", pci)
         assert re.search(r"0x0CF8,\s+// Range Minimum\s+0x0CF8,\s+// Range Maximum\s+0x01,\s+// Alignment\s+0x08",

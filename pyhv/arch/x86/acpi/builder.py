@@ -2,11 +2,13 @@ r"""Whole ACPI table sets for pyhv's two boards, from one plain description (`Ac
 
     tables = build_tables(AcpiConfig(machine="pc", vcpus=2, pci=PciHostConfig(), pm_base=0x600))
     blob, rsdp_addr, offsets = layout_in_memory(tables, 0xE0000)      # direct boot: copy blob to 0xE0000
-    files = fw_cfg_files(tables)                                     # firmware boot (table_loader.py)
+    files = table_loader.fw_cfg_files(tables)                       # firmware boot: three fw_cfg files
 
 pc: FADT (PIIX4 PM at `pm_base`: PM1a_EVT = pm_base, PM1a_CNT = +4, PM_TMR = +8, GPE0 = +0x0C; SCI 9),
 FACS, MADT (PCAT_COMPAT, overrides IRQ0→GSI2 edge, IRQ9 and the PCI link GSIs level/active-high), DSDT with
-\_SB.PCI0 (PNP0A03, _CRS, _PRT), COMn (PNP0501), PS2K (PNP0303), RTC (PNP0B00) and \_S5.
+\_SB.PCI0 (PNP0A03, _CRS, _PRT), COMn (PNP0501), PS2K (PNP0303) and PS2M (PNP0F13, IRQ 12) for the i8042,
+RTC (PNP0B00) and \_S5 = {0, 0, 0, 0} (SLP_TYP 0 is S5 on pyhv's and QEMU's PIIX4 PM,
+`devices.piix4_pm.SLP_TYP_S5`).
 
 PCI interrupt routing: a device in slot S (1-31), pin P (0 = INTA .. 3 = INTD) reaches PIRQ[(S + P - 1) % 4]
 (A-D), the PIIX3 rotation of `pci.bus.pirq_swizzle`; `_PRT` gives it `link_gsis[that PIRQ]` directly. QEMU's
@@ -161,6 +163,11 @@ def i8042_device() -> aml.Device:
                                                                aml.Irq(1)]))
 
 
+def i8042_mouse_device() -> aml.Device:
+    """The i8042's AUX port: without it Linux's i8042 PnP probe disables the AUX port."""
+    return _device("PS2M", "PNP0F13", 0, aml.ResourceTemplate([aml.Irq(12)]))
+
+
 def rtc_device() -> aml.Device:
     return _device("RTC_", "PNP0B00", 0, aml.ResourceTemplate([aml.Io(0x70, 0x70, 1, 2), aml.Irq(8)]))
 
@@ -220,7 +227,7 @@ def build_dsdt_aml(cfg: AcpiConfig) -> bytes:
         sb.append(pci_host_device(cfg.pci))
     sb.append(*serial_devices(cfg.serial_ports))
     if cfg.i8042:
-        sb.append(i8042_device())
+        sb.append(i8042_device(), i8042_mouse_device())
     if cfg.rtc:
         sb.append(rtc_device())
     sb.append(*virtio_mmio_devices(cfg.virtio_mmio, cfg.virtio_mmio_edge))
