@@ -723,7 +723,7 @@ class E1000(PciDevice):
             packet, st.tx_packet, st.tx_first = st.tx_packet, bytearray(), True
             if not cmd & E1000_TXD_CMD_DEXT:
                 if cmd & E1000_TXD_CMD_IC:
-                    _insert_checksum(packet, desc[13], desc[11], 0)      # CSS, CSO
+                    _insert_checksum(packet, desc[13], desc[10], 0)      # CSS, CSO
                 self._send(packet)
             elif cmd & E1000_TXD_CMD_TSE:
                 self._send_tso(packet)
