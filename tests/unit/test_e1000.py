@@ -479,6 +479,30 @@ def test_receive_descriptor_minimum_threshold(rig: Rig) -> None:
     assert rig.r32(e.ICR) & e.E1000_ICR_RXDMT0                                   # 4 free: half the ring
 
 
+def test_vlan_strip_filter_and_insert(rig: Rig) -> None:
+    rig.setup_rx(rctl=e.E1000_RCTL_SECRC)
+    rig.w32(e.CTRL, rig.r32(e.CTRL) | e.E1000_CTRL_VME)
+    inner = b"v" * 60
+    tagged = MAC + b"\x02" * 6 + struct.pack(">HH", 0x8100, 0x2005) + struct.pack(">H", 0x0800) + inner
+    assert rig.dev.receive(tagged)
+    addr, length, status, _ = rig.rx_desc(0)
+    special = struct.unpack("<H", rig.mem.read(RX_RING + 14, 2))[0]
+    assert status & e.E1000_RXD_STAT_VP and special == 0x2005
+    assert rig.mem.read(addr, length) == MAC + b"\x02" * 6 + struct.pack(">H", 0x0800) + inner
+    rig.w32(e.RCTL, rig.r32(e.RCTL) | e.E1000_RCTL_VFE)                          # VLAN 5 not in the VFTA
+    assert rig.dev.receive(tagged) and rig.r32(e.RDH) == 1
+    rig.w32(e.VFTA, 1 << 5)
+    assert rig.dev.receive(tagged) and rig.r32(e.RDH) == 2
+    # transmit: VLE inserts VET + the special field after the addresses
+    rig.setup_tx()
+    frame = eth(b"\x02" * 6, b"t" * 50)
+    rig.mem.write(TX_BUFS, frame)
+    rig.mem.write(TX_RING, struct.pack("<QHBBBBH", TX_BUFS, len(frame), 0, e.E1000_TXD_CMD_EOP |
+                                       e.E1000_TXD_CMD_RS | e.E1000_TXD_CMD_VLE, 0, 0, 0x3007))
+    rig.w32(e.TDT, 1)
+    assert rig.port.frames == [frame[:12] + struct.pack(">HH", 0x8100, 0x3007) + frame[12:]]
+
+
 def test_receiver_disabled(rig: Rig) -> None:
     rig.setup_rx()
     rig.w32(e.RCTL, 0)

@@ -102,7 +102,6 @@ E1000_STATUS_FD = 1 << 0
 E1000_STATUS_LU = 1 << 1
 E1000_STATUS_SPEED_1000 = 2 << 6
 E1000_STATUS_ASDV_1000 = 2 << 8
-E1000_EECD_RESET = 0
 E1000_MDIC_DATA_MASK = 0xFFFF
 E1000_MDIC_REG_SHIFT = 16
 E1000_MDIC_PHY_SHIFT = 21
@@ -164,6 +163,7 @@ E1000_TUCMD_IP = 0x02               # 1 = IPv4, 0 = IPv6
 E1000_RXD_STAT_DD = 0x01
 E1000_RXD_STAT_EOP = 0x02
 E1000_RXD_STAT_IXSM = 0x04          # "ignore checksum indication": no receive checksum offload
+E1000_RXD_STAT_VP = 0x08            # the 802.1Q tag was stripped into `special`
 
 DESC_SIZE = 16
 ETH_ALEN = 6
@@ -173,8 +173,6 @@ ETH_FCS_LEN = 4
 MAX_RX_FRAME = 1522                  # without RCTL.LPE (VLAN-tagged maximum, FCS included)
 MAX_RX_FRAME_LPE = 16384
 MAX_TX_PACKET = 0x40000              # a packet longer than this (TSO headers + payload) stops the queue
-MAX_TX_SEGMENT = 16384
-ICR_READ_CLEARS = True
 
 
 class FramePort(Protocol):
@@ -877,6 +875,15 @@ class E1000(PciDevice):
         if not self._accept(frame):
             st.rx_filtered += 1
             return True
+        vlan_tci = None
+        if len(frame) >= ETH_HLEN + 4 and int.from_bytes(frame[12:14], "big") == self._get(VET) & 0xFFFF:
+            tci = int.from_bytes(frame[14:16], "big")
+            vid = tci & 0xFFF
+            if rctl & E1000_RCTL_VFE and not self._get(VFTA + 4 * (vid >> 5)) >> (vid & 31) & 1:
+                st.rx_filtered += 1
+                return True
+            if self._get(CTRL) & E1000_CTRL_VME:                         # strip the tag into the descriptor
+                frame, vlan_tci = bytes(frame[:12]) + bytes(frame[16:]), tci
         if len(frame) < ETH_ZLEN:
             frame = bytes(frame) + bytes(ETH_ZLEN - len(frame))
         data = bytes(frame)
@@ -905,9 +912,11 @@ class E1000(PciDevice):
                 self.memory.view(buf, len(piece), write=True)[:] = piece
                 offset += len(piece)
                 last = i == needed - 1
-                desc[8:16] = struct.pack("<HHBBH", len(piece), 0,
-                                         E1000_RXD_STAT_DD | E1000_RXD_STAT_IXSM |
-                                         (E1000_RXD_STAT_EOP if last else 0), 0, 0)
+                status = E1000_RXD_STAT_DD | E1000_RXD_STAT_IXSM
+                if last:
+                    status |= E1000_RXD_STAT_EOP | (E1000_RXD_STAT_VP if vlan_tci is not None else 0)
+                desc[8:16] = struct.pack("<HHBBH", len(piece), 0, status, 0,
+                                         vlan_tci if last and vlan_tci is not None else 0)
                 head = (head + 1) % n
         except GuestMemoryError as e:
             st.rx_stopped = "ring-mem"
