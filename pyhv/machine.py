@@ -518,6 +518,16 @@ class Machine:
             extra.append(f"POST codes: {post.state.writes} writes, last {post.state.last:#04x}")
         return text + "\n  " + "\n  ".join(extra)
 
+    def block_devices(self) -> list[dict]:
+        """Every disk (QMP query-block): its device name, image file, read-only flag, cache mode and size."""
+        disks = []
+        for name, device in self.devices.items():
+            image = getattr(getattr(device, "backend", None), "image", None)
+            if image is not None:
+                disks.append({"name": name, "file": image.path, "readonly": image.readonly, "format": "raw",
+                              "size": image.sectors * 512, "cache": image.cache})
+        return disks
+
     def query_pci(self) -> list[dict]:
         """Every PCI function (bus/slot/function, ids, class, BARs with address and size, IRQ), as QMP's
         query-pci would list them; [] on a machine without PCI."""

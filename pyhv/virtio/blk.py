@@ -111,6 +111,7 @@ class BlkImage:
     def __init__(self, path: str, readonly: bool = False, cache: str = "writeback") -> None:
         self.path = path
         self.readonly = readonly
+        self.cache = cache
         try:
             fmt = probe_format(path)
         except OSError as e:

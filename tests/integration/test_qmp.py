@@ -270,3 +270,23 @@ def test_pyhv_run_qmp_socket_is_private_and_quit_ends_pyhv(guest, tmp_path):
     finally:
         proc.kill()
         proc.wait()
+
+
+def test_query_block_lists_every_drive_through_qemu_qmp(guest, tmp_path):
+    """query-block (QEMU's client) names each disk of a pc machine with its image, read-only flag and size."""
+    disk, ro = tmp_path / "disk.raw", tmp_path / "ro.raw"
+    disk.write_bytes(bytes(1 << 20))
+    ro.write_bytes(bytes(64 << 10))
+    with pyhv.VM(firmware=guest("echoloop", BUSY=0), memory="16M", machine="pc",
+                 drives=[f"file={disk}", f"file={ro},readonly=on,cache=none"]) as vm:
+        vm.console.expect("echo guest ready")
+
+        async def body():
+            client = await connect(vm)
+            blocks = await client.execute("query-block")
+            await client.disconnect()
+            return blocks
+        blocks = run(body())
+    got = [(b["device"], b["inserted"]["file"], b["inserted"]["ro"], b["inserted"]["image"]["virtual-size"],
+            b["inserted"]["cache"]["direct"]) for b in blocks]
+    assert got == [("virtio-blk0", str(disk), False, 1 << 20, False), ("virtio-blk1", str(ro), True, 64 << 10, True)]
