@@ -127,7 +127,12 @@ class VmConfig:
                 except ConfigError as e:
                     raise ConfigError(f"{what} needs --machine pc", e.hint) from None
                 specs += [DeviceSpec(dtype, transport, item, f"{what} {item.to_arg()}") for item in items]
-        return specs + [parse_device(text, self.machine) for text in self.devices]
+        specs += [parse_device(text, self.machine) for text in self.devices]
+        counts: dict[str, int] = {}
+        for spec in specs:
+            spec.position = counts.get(spec.type.name, 0)
+            counts[spec.type.name] = spec.position + 1
+        return specs
 
     def to_dict(self) -> dict:
         d = asdict(self)

@@ -219,12 +219,10 @@ class Machine:
                        PostCode("post", log_codes=cfg.log_post), DebugCon("debugcon", debugcon_out.write),
                        DebugExit("debug-exit", on_exit=self._debug_exit)):
             self.attach(device)
-        positions: dict[str, int] = {}
         for spec in cfg.device_specs():
             if spec.transport == PLATFORM:
-                position = positions[spec.type.name] = positions.get(spec.type.name, -1) + 1
-                name = spec.type.name + (str(position) if position else "")
-                self.attach(spec.type.create(DeviceContext(name, position, self), spec.options))
+                name = spec.type.name + (str(spec.position) if spec.position else "")
+                self.attach(spec.type.create(DeviceContext(name, spec.position, self), spec.options))
 
     # --- exits that are not port or MMIO accesses ------------------------------------------------------------
     def _exit_handlers(self) -> dict:

@@ -65,18 +65,16 @@ class PcBoard:
         machine.devices["pci"] = self.bus
         self._fill_fw_cfg()
         self.virtio: list = []
-        positions: dict[str, int] = {}
         for spec in cfg.device_specs():
             if spec.transport == PCI:
-                position = positions[spec.type.name] = positions.get(spec.type.name, -1) + 1
-                self.add_device(spec, position)
+                self.add_device(spec)
 
-    def add_device(self, spec: DeviceSpec, position: int) -> PciDevice:
+    def add_device(self, spec: DeviceSpec) -> PciDevice:
         """A registry device behind virtio-pci, named NAME<position> (virtio-blk0), in the firmware's boot order
         when it is a disk."""
-        name = f"{spec.type.name}{position}"
-        backend = spec.type.create(DeviceContext(name, position, self.machine, self), spec.options)
-        boot_index = spec.boot_index(position) if backend.device_id == VIRTIO_ID_BLOCK else None
+        name = f"{spec.type.name}{spec.position}"
+        backend = spec.type.create(DeviceContext(name, spec.position, self.machine, self), spec.options)
+        boot_index = spec.boot_index(spec.position) if backend.device_id == VIRTIO_ID_BLOCK else None
         return self.add_virtio(name, backend, boot_index)
 
     def vhost_memory_regions(self) -> list[tuple[int, int, int, int, int]]:

@@ -21,7 +21,7 @@ from __future__ import annotations
 import dataclasses
 import importlib
 import typing
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Callable
 
 from pyhv.errors import ConfigError
@@ -81,7 +81,7 @@ class DeviceSpec:
     transport: str
     options: Any = None
     text: str = ""
-    extra: dict = field(default_factory=dict)
+    position: int = 0          # among the VM's devices of this type: virtio-blk0, virtio-blk1, ...
 
     def boot_index(self, position: int) -> int | None:
         explicit = getattr(self.options, "bootindex", None)
