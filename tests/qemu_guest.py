@@ -43,9 +43,15 @@ def qemu_command(guest, command: str, devices: list[str], memory: str = "256M") 
 
 
 def run_guest(guest, command: str, devices: list[str], timeout: float = 600, memory: str = "256M") -> GuestRun:
-    proc = subprocess.run(qemu_command(guest, command, devices, memory), stdin=subprocess.DEVNULL,
-                          capture_output=True, timeout=timeout)
-    console = proc.stdout.decode(errors="replace") + proc.stderr.decode(errors="replace")
+    """Boot, run `command`, return what the console showed; a guest still running after `timeout` seconds is
+    killed and comes back with status None and its console so far (the failing test shows where it hung)."""
+    try:
+        proc = subprocess.run(qemu_command(guest, command, devices, memory), stdin=subprocess.DEVNULL,
+                              capture_output=True, timeout=timeout)
+        out, err = proc.stdout, proc.stderr
+    except subprocess.TimeoutExpired as e:
+        out, err = (e.stdout or b""), (e.stderr or b"") + f"\n[QEMU killed after {timeout:g} s]".encode()
+    console = out.decode(errors="replace") + err.decode(errors="replace")
     m = EXIT_RE.search(console)
     return GuestRun(int(m.group(1)) if m else None, console)
 

@@ -173,6 +173,11 @@ class VhostUserBackend:
         if self.conn is None:
             return
         self.disconnect_reasons.append(reason)
+        for ring in self.rings:                  # what a hung guest's driver and the device last saw, for the log
+            if ring.queue is not None:
+                log.info("vhost-user: at disconnect, %s", ring.queue.describe())
+        if getattr(self.device, "stats", None):
+            log.info("vhost-user: device counters %s", self.device.stats)
         self._stop_all_rings()
         self.device.reset()
         for ring in self.rings:

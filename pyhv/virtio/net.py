@@ -239,14 +239,16 @@ class VirtioNet(VirtioDevice):
                 if n < VIRTIO_NET_HDR_SIZE:
                     continue
                 self._rx_held = n
-            seen = q.avail_idx()
-            outcome = self._deliver(q, self._rx_held, mergeable)
-            if outcome is _NO_ROOM:
-                # The frame needs more buffers than the driver has posted so far. Hold it, as QEMU and vhost-net
+            while True:
+                seen = q.avail_idx()
+                outcome = self._deliver(q, self._rx_held, mergeable)
+                # The frame needs more buffers than the driver has posted so far? Hold it, as QEMU and vhost-net
                 # do, rather than drop it: Linux refills its ring only in batches, and a dropped TCP segment
-                # makes the sender back off (seconds, then minutes) while the ring stays short.
-                if q.enable_notification(after=seen):
-                    continue
+                # makes the sender back off (seconds, then minutes) while the ring stays short. Retry at once
+                # if buffers came meanwhile: the frame held may be the tap's last, so nothing else would.
+                if outcome is not _NO_ROOM or not q.enable_notification(after=seen):
+                    break
+            if outcome is _NO_ROOM:
                 self._poll_tap(False)
                 break
             self._rx_held = 0

@@ -362,6 +362,16 @@ class VirtQueue:
             return ((new - used_event - 1) & 0xFFFF) < ((new - old) & 0xFFFF)
         return not _U16.unpack_from(self._avail, 0)[0] & VIRTQ_AVAIL_F_NO_INTERRUPT
 
+    def describe(self) -> str:
+        """One line for logs and `info` commands: the device's indices and what the driver shows in its rings."""
+        st = self.state
+        flags = _U16.unpack_from(self._avail, 0)[0]
+        used_event = _U16.unpack_from(self._avail, self._used_event_off)[0]
+        avail_event = _U16.unpack_from(self._used, self._avail_event_off)[0]
+        return (f"queue {self.index}: avail idx {self.avail_idx()} flags {flags:#x} used_event {used_event}; device "
+                f"next_avail {st.next_avail} next_used {st.next_used} signalled {st.signalled_used} avail_event "
+                f"{avail_event} (popped {st.popped}, pushed {st.pushed})")
+
     # --- notification suppression for the driver -------------------------------------------------------------
     def disable_notification(self) -> None:
         """Ask the driver not to kick (the device is polling the queue anyway)."""
