@@ -1,7 +1,7 @@
 """pyhv: a KVM virtual machine monitor in Python."""
 from __future__ import annotations
 
-__version__ = "0.1.0"
+from pyhv.version import __version__
 
 __all__ = ["__version__", "VM"]
 

@@ -13,7 +13,7 @@
         result = vm.run("uname -r")                              # Result(stdout, exit_status)
 
 The VM runs in this process (vCPU and I/O threads); leaving the `with` block (or `close()`) stops it and frees
-everything. Create VMs from the main thread, or call `pyhv.vcpu.install_kick_handler()` there first. The API is
+everything. Create VMs from the main thread, or call `pyhv.machine.vcpu.install_kick_handler()` there first. The API is
 a front end like the CLI: it builds a `VmConfig`, runs a `Machine` through its public methods, reads the serial
 console from a private socket and talks QMP to its own QMP server (`vm.qmp_path`, usable by other clients too).
 """
@@ -29,7 +29,7 @@ import time
 from dataclasses import dataclass
 from typing import Any, Iterable
 
-from pyhv.chardev import ChardevSpec
+from pyhv.runtime.chardev import ChardevSpec
 from pyhv.config import DriveConfig, NetConfig, VmConfig, parse_size
 
 AGENT_CMDLINE = "pyhv.agent=1"
@@ -151,7 +151,7 @@ class VM:
         return os.path.join(self._dir, "qmp.sock") if self._dir else None
 
     def start(self) -> "VM":
-        from pyhv.machine import Machine
+        from pyhv.machine.machine import Machine
         from pyhv.monitor.qmp import QmpServer
 
         if self._started:

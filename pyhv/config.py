@@ -5,7 +5,7 @@ import os
 import re
 from dataclasses import asdict, dataclass, field, fields
 
-from pyhv.chardev import ChardevSpec
+from pyhv.runtime.chardev import ChardevSpec
 from pyhv.devices.options import (  # noqa: F401  (the device options, as config users know them)
     VHOST_USER_DEVICES, VIRTIO_TYPES, DriveConfig, NetConfig, VhostUserConfig,
 )

@@ -20,7 +20,7 @@ from collections import Counter
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from pyhv.machine import Machine
+    from pyhv.machine.machine import Machine
 
 log = logging.getLogger(__name__)
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Callable
 
-from pyhv import __version__
+from pyhv.version import __version__
 
 if TYPE_CHECKING:
     from pyhv.monitor.qmp import QmpServer
@@ -255,10 +255,3 @@ def query_pci(server: "QmpServer") -> list:
 def query_exit_stats(server: "QmpServer") -> dict:
     machine = server.machine
     return machine.exit_stats().as_dict(machine.port_owner)
-
-
-@command("human-monitor-command", command_line=(str, True), cpu_index=(int, False))
-def human_monitor_command(server: "QmpServer", command_line: str, cpu_index: int = 0) -> str:
-    from pyhv.monitor.hmp import run_hmp
-    return run_hmp(server, command_line, cpu_index)
-

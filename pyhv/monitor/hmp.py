@@ -24,6 +24,7 @@ stop | cont | system_reset | system_powerdown | quit
 """
 
 
+@qmp.command("human-monitor-command", command_line=(str, True), cpu_index=(int, False))
 def run_hmp(server: "QmpServer", command_line: str, cpu_index: int = 0) -> str:
     try:
         words = shlex.split(command_line)

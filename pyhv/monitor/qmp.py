@@ -22,13 +22,14 @@ import threading
 import time
 from typing import TYPE_CHECKING
 
-from pyhv.chardev import bind_private_socket
+from pyhv.runtime.chardev import bind_private_socket
 from pyhv.errors import ConfigError
 from pyhv.monitor.commands import COMMANDS, QmpCommandError, event_data
+from pyhv.monitor.hmp import run_hmp  # noqa: F401  (registers human-monitor-command)
 from pyhv.monitor.jsonstream import JsonStream, JsonStreamError
 
 if TYPE_CHECKING:
-    from pyhv.machine import Machine
+    from pyhv.machine.machine import Machine
 
 log = logging.getLogger(__name__)
 

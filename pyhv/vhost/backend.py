@@ -31,7 +31,7 @@ import socket
 import stat
 from dataclasses import dataclass
 
-from pyhv.iothread import IoThread
+from pyhv.runtime.iothread import IoThread
 from pyhv.memory.guest import GuestMemoryError
 from pyhv.vhost import protocol as P
 from pyhv.vhost.memory import VhostMemoryMap, map_region

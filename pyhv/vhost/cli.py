@@ -69,7 +69,7 @@ def make_device(args: argparse.Namespace, iothread):
 
 
 def cmd_vhost_user_backend(args: argparse.Namespace) -> int:
-    from pyhv.iothread import IoThread
+    from pyhv.runtime.iothread import IoThread
     from pyhv.vhost.backend import VhostUserBackend
 
     iothread = IoThread("pyhv-vhost")

@@ -46,7 +46,7 @@ class VhostUserFrontend(VirtioDevice):
     @classmethod
     def create(cls, context, vu) -> "VhostUserFrontend":
         """From a `VhostUserConfig`, on a board with `vhost_memory_regions` (guest RAM in a shared memfd)."""
-        from pyhv.virtio.net import parse_mac
+        from pyhv.runtime.tap import parse_mac
         return cls(vu.socket, vu.device_id, context.board.vhost_memory_regions, context.machine.iothread,
                    num_queues=vu.num_queues, queue_size=vu.queue_size, mac=parse_mac(vu.mac) if vu.mac else None)
 

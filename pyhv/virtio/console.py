@@ -1,5 +1,5 @@
 """virtio-console (virtio 1.2 §5.3), one port: receiveq 0 (host -> guest) and transmitq 1 (guest -> host), on a
-character back end (`pyhv.chardev.Chardev`, the same host ends the UART uses: stdio, file, socket, pty, none).
+character back end (`pyhv.runtime.chardev.Chardev`, the same host ends the UART uses: stdio, file, socket, pty, none).
 
 Features: VIRTIO_CONSOLE_F_SIZE (the console's columns and rows in the configuration space; `resize` changes
 them and signals a configuration change) and VIRTIO_CONSOLE_F_EMERG_WRITE (a 4-byte write of `emerg_wr` at
@@ -22,8 +22,8 @@ from pyhv.virtio.device import COMMON_FEATURES, VIRTIO_ID_CONSOLE, VirtioDevice,
 from pyhv.virtio.queue import DescriptorChain, VirtQueueError, scatter
 
 if TYPE_CHECKING:
-    from pyhv.chardev import Chardev
-    from pyhv.iothread import IoThread
+    from pyhv.runtime.chardev import Chardev
+    from pyhv.runtime.iothread import IoThread
 
 log = logging.getLogger(__name__)
 
@@ -70,7 +70,7 @@ class VirtioConsole(VirtioDevice):
         here (`chardev.attach(self.receive, iothread)`); without, the caller feeds `receive` itself."""
         super().__init__(name)
         if chardev is None:
-            from pyhv.chardev import NullChardev
+            from pyhv.runtime.chardev import NullChardev
             chardev = NullChardev()
         self.chardev = chardev
         self.rx_limit = rx_limit

@@ -8,7 +8,7 @@ it is on the kernel command line (no discovery on MMIO):
     dev = VirtioMmioDevice("virtio-rng0", VirtioRng(), machine.guest_memory, machine.iothread,
                            base=0xD0000000, irq=machine.irq_line(5))
     board.attach(dev)                                  # dev.claims(): [Claim.mmio(base, dev.region)]
-    dev.register_ioeventfds(machine.vm)                # QueueNotify completes in KVM, wakes the I/O thread
+    dev.register_ioeventfds(board.ioeventfd)           # QueueNotify completes in KVM, wakes the I/O thread
     cmdline += " " + VirtioMmioDevice.cmdline_entry(0xD0000000, 5)   # virtio_mmio.device=4K@0xd0000000:5
 
 Notifications: QueueNotify (0x50) is one address for every queue; the driver writes the queue index. With
@@ -47,7 +47,7 @@ from pyhv.virtio.device import (
 from pyhv.virtio.queue import VirtQueue, VirtQueueError
 
 if TYPE_CHECKING:
-    from pyhv.iothread import IoThread
+    from pyhv.runtime.iothread import IoThread
 
 log = logging.getLogger(__name__)
 
@@ -281,15 +281,14 @@ class VirtioMmioDevice:
     def notify_addresses(self, base: int | None = None) -> list[tuple[int, int, int]]:
         return [self.notify_address(base, q) for q in range(len(self.state.queues))]
 
-    def register_ioeventfds(self, vm: Any, base: int | None = None) -> bool:
+    def register_ioeventfds(self, sink: IoEventFdSink, base: int | None = None) -> bool:
         """Make QueueNotify writes complete in KVM: one ioeventfd per queue at (base + 0x50, 4, datamatch =
-        index). `vm` is a `pyhv.kvm.system.Vm` (anything with `ioeventfd(IoEventFd, deassign=)`) or a callable
-        `(fd, addr, length, datamatch, deassign)`. Moves them when called again with another base. False when
-        there is nothing to register (the device was built without an I/O thread)."""
+        index), each given to `sink(fd, addr, length, datamatch, deassign)` (the board's KVM ioeventfd call).
+        Moves them when called again with another base. False when there is nothing to register (the device was
+        built without an I/O thread)."""
         if not self._kick_fds:
             return False
         base = self.base if base is None else base
-        sink = self._sink(vm)
         if self._registered_at == base and self._ioeventfd_sink is not None:
             return True
         self.unregister_ioeventfds()
@@ -310,16 +309,6 @@ class VirtioMmioDevice:
             except OSError as e:
                 log.warning("%s: cannot remove the ioeventfd of queue %d: %s", self.name, q, e)
         self._ioeventfd_sink = self._registered_at = None
-
-    @staticmethod
-    def _sink(vm: Any) -> IoEventFdSink:
-        if callable(vm) and not hasattr(vm, "ioeventfd"):
-            return vm
-
-        def sink(fd: int, addr: int, length: int, datamatch: int | None, deassign: bool) -> None:
-            from pyhv.kvm.system import IoEventFd
-            vm.ioeventfd(IoEventFd(fd, addr, length, False, datamatch), deassign=deassign)
-        return sink
 
     @property
     def interrupt_eventfd(self) -> int | None:

@@ -38,7 +38,7 @@ from pyhv.virtio.device import (
 from pyhv.virtio.queue import VirtQueue, VirtQueueError
 
 if TYPE_CHECKING:
-    from pyhv.iothread import IoThread
+    from pyhv.runtime.iothread import IoThread
     from pyhv.memory import GuestMemory
 
 log = logging.getLogger(__name__)

@@ -9,7 +9,7 @@ import pytest
 
 import pyhv
 from pyhv.api import Result
-from pyhv.chardev import ChardevSpec
+from pyhv.runtime.chardev import ChardevSpec
 from pyhv.errors import GuestImageError
 
 pytestmark = pytest.mark.kvm
@@ -79,7 +79,7 @@ def test_run_needs_the_agent(guest):
 def test_quit_before_the_machine_starts_ends_it_cleanly(guest):
     """A QMP client may send quit between the QMP socket appearing and the vCPUs starting."""
     from pyhv.config import VmConfig
-    from pyhv.machine import Machine
+    from pyhv.machine.machine import Machine
     machine = Machine(VmConfig(firmware=guest("echoloop", BUSY=0), memory=16 << 20, serial=ChardevSpec("none")))
     try:
         machine.shutdown(0, "host-qmp-quit")

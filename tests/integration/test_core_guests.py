@@ -110,9 +110,9 @@ def test_serial_to_unix_socket_and_sigterm(guest, tmp_path):
 
 
 def test_pause_and_resume_stop_and_restart_the_guest(guest):
-    from pyhv.chardev import ChardevSpec
+    from pyhv.runtime.chardev import ChardevSpec
     from pyhv.config import VmConfig
-    from pyhv.machine import Machine
+    from pyhv.machine.machine import Machine
 
     machine = Machine(VmConfig(firmware=guest("counter"), serial=ChardevSpec("none")))
     try:

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import pytest
 
 from pyhv import registry
-from pyhv.chardev import ChardevSpec
+from pyhv.runtime.chardev import ChardevSpec
 from pyhv.config import VmConfig
 from pyhv.devices.device import Claim, device_region
 from pyhv.devices.device_type import DeviceType
@@ -47,7 +47,7 @@ class LatchOptions:
 
 
 def test_a_device_defined_in_a_test_joins_the_machine(guest):
-    from pyhv.machine import Machine
+    from pyhv.machine.machine import Machine
 
     registry.register(DeviceType("latch", "a test latch", lambda ctx, o: Latch(ctx.name, o.port),
                                  options=LatchOptions))

@@ -6,10 +6,10 @@ import os
 
 import pytest
 
-from pyhv.chardev import ChardevSpec
+from pyhv.runtime.chardev import ChardevSpec
 from pyhv.config import VmConfig
-from pyhv.irq_routing import GsiRouter, default_routing
-from pyhv.machine import Machine
+from pyhv.machine.irq_routing import GsiRouter, default_routing
+from pyhv.machine.machine import Machine
 
 pytestmark = pytest.mark.kvm
 

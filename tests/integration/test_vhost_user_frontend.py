@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from pyhv.iothread import IoThread
+from pyhv.runtime.iothread import IoThread
 from pyhv.vhost.frontend import VhostUserFrontend
 from pyhv.virtio.blk import VIRTIO_BLK_T_OUT
 from virtq_driver import FakeMemory, RingDriver

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import struct
 
-from pyhv.coalesced_io import ENTRY_OFFSET, MAX_ENTRIES, PAGE, CoalescedIo
+from pyhv.machine.coalesced_io import ENTRY_OFFSET, MAX_ENTRIES, PAGE, CoalescedIo
 from pyhv.memory import AddressSpace, MemoryRegion
 
 

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import pytest
 
-from pyhv.cli import main
+from pyhv.cli.commands import main
 from pyhv.config import VmConfig, parse_size
 from pyhv.errors import ConfigError
 

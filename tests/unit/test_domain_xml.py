@@ -9,12 +9,12 @@ import sys
 
 import pytest
 
-from pyhv.chardev import ChardevSpec
-from pyhv.cli import build_parser, config_from_args
+from pyhv.runtime.chardev import ChardevSpec
+from pyhv.cli.commands import build_parser, config_from_args
 from pyhv.config import DriveConfig, MiB, NetConfig, VmConfig
-from pyhv.domain_xml import config_to_domain_xml, parse_domain_xml
+from pyhv.cli.domain_xml import config_to_domain_xml, parse_domain_xml
 from pyhv.errors import ConfigError
-from pyhv.runargs import config_to_args
+from pyhv.cli.runargs import config_to_args
 
 
 @pytest.fixture
@@ -122,7 +122,7 @@ def test_config_to_xml_is_libvirt_xml_and_reads_back_equal(domain_file, files):
 
 
 def test_json_config_and_flags_and_xml_give_the_same_config(domain_file, files, tmp_path):
-    from pyhv.runargs import load_json_config
+    from pyhv.cli.runargs import load_json_config
     dom = domain_file(full_xml(files))
     from_xml, _ = parse_domain_xml(dom.path.read_text())
     json_path = tmp_path / "vm.json"

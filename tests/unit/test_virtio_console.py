@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 
-from pyhv.chardev import Chardev
+from pyhv.runtime.chardev import Chardev
 from pyhv.devices.irq import CallbackIrqLine
 from pyhv.virtio.console import (
     RX_QUEUE, TX_QUEUE, VIRTIO_CONSOLE_F_EMERG_WRITE, VIRTIO_CONSOLE_F_MULTIPORT, VIRTIO_CONSOLE_F_SIZE,

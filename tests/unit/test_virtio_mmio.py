@@ -11,7 +11,7 @@ import pytest
 
 from pyhv.devices.device import Claim
 from pyhv.devices.irq import CallbackIrqLine
-from pyhv.iothread import IoThread
+from pyhv.runtime.iothread import IoThread
 from pyhv.memory import AddressSpace, GuestMemory, MemoryRegion
 from pyhv.virtio.device import (
     VIRTIO_CONFIG_S_ACKNOWLEDGE, VIRTIO_CONFIG_S_DRIVER, VIRTIO_CONFIG_S_DRIVER_OK, VIRTIO_CONFIG_S_FEATURES_OK,
@@ -334,26 +334,6 @@ def test_ioeventfd_registration_and_kick():
         calls.clear()
         r.dev.register_ioeventfds(lambda *a: calls.append(a), 0xD0001000)   # moved: old removed, new added
         assert [(a[1], a[4]) for a in calls] == [(BASE + 0x50, True), (0xD0001050, False)]
-    finally:
-        r.dev.close()
-        io.close()
-
-
-def test_ioeventfd_through_a_vm_object():
-    io = IoThread()
-    r = Rig(iothread=io)
-
-    class FakeVm:
-        def __init__(self):
-            self.events = []
-
-        def ioeventfd(self, event, deassign=False):
-            self.events.append((event.addr, event.length, event.pio, event.datamatch, deassign))
-    vm = FakeVm()
-    try:
-        r.dev.register_ioeventfds(vm)
-        r.dev.unregister_ioeventfds()
-        assert vm.events == [(BASE + 0x50, 4, False, 0, False), (BASE + 0x50, 4, False, 0, True)]
     finally:
         r.dev.close()
         io.close()

@@ -7,7 +7,7 @@ import struct
 import pytest
 
 from pyhv.devices.pci.constants import PCI_COMMAND_MEMORY, PCI_MSIX_FLAGS_ENABLE
-from pyhv.iothread import IoThread
+from pyhv.runtime.iothread import IoThread
 from pyhv.virtio.blk import VIRTIO_BLK_T_IN, VirtioBlk
 from pyhv.virtio.device import (
     VIRTIO_CONFIG_S_ACKNOWLEDGE, VIRTIO_CONFIG_S_DRIVER, VIRTIO_CONFIG_S_FEATURES_OK,

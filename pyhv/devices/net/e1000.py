@@ -41,9 +41,10 @@ from pyhv.devices.pci.constants import PCI_CLASS_NETWORK_ETHERNET, PCI_VENDOR_ID
 from pyhv.devices.pci.device import PciDevice, PciDeviceState
 from pyhv.devices.registers import Register
 from pyhv.memory import GuestMemoryError, MemoryRegion
+from pyhv.runtime.tap import VNET_HDR_SIZE, TapError, open_tap, parse_mac
 
 if TYPE_CHECKING:
-    from pyhv.iothread import IoThread
+    from pyhv.runtime.iothread import IoThread
     from pyhv.memory import GuestMemory
 
 log = logging.getLogger(__name__)
@@ -331,7 +332,6 @@ class E1000(PciDevice):
                  port: FramePort | None = None) -> None:
         super().__init__(name)
         if isinstance(mac, str):
-            from pyhv.virtio.net import parse_mac
             mac = parse_mac(mac)
         self.mac = bytes(mac) if mac else b"\x52\x54\x00" + os.urandom(3)
         if len(self.mac) != ETH_ALEN:
@@ -963,7 +963,7 @@ class E1000(PciDevice):
 
 class E1000Tap:
     """Connects an `E1000` to a host tap: frames the guest sends are written to the tap; frames the tap delivers
-    are handed to `receive` on the I/O thread. The tap is opened with `pyhv.virtio.net.open_tap`, i.e. with
+    are handed to `receive` on the I/O thread. The tap is opened with `pyhv.runtime.tap.open_tap`, i.e. with
     IFF_VNET_HDR and a 12-byte header: this adapter writes a zeroed header before each frame and strips the
     header from each frame read (no offloads are enabled on the tap, so the kernel never sends GSO or
     partially-checksummed frames). When the guest has no free receive descriptor the tap is not read (the
@@ -971,16 +971,15 @@ class E1000Tap:
 
     def __init__(self, device: E1000, iothread: "IoThread", tap: str | None = None,
                  tap_fd: int | None = None, vnet_hdr: bool = True) -> None:
-        from pyhv.virtio.net import VIRTIO_NET_HDR_SIZE, TapError, open_tap
         self.device = device
         self.iothread = iothread
         if tap_fd is not None:
             self.fd, self.tap_name = tap_fd, f"fd{tap_fd}"
             os.set_blocking(tap_fd, False)
-            self.hdr = VIRTIO_NET_HDR_SIZE if vnet_hdr else 0
+            self.hdr = VNET_HDR_SIZE if vnet_hdr else 0
         elif tap:
             self.fd, self.tap_name = open_tap(tap)
-            self.hdr = VIRTIO_NET_HDR_SIZE
+            self.hdr = VNET_HDR_SIZE
         else:
             raise TapError("e1000 needs a tap (a name or an open file descriptor)")
         self._zero_hdr = bytes(self.hdr)

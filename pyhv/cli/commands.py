@@ -12,7 +12,7 @@ import logging
 import sys
 from typing import Sequence
 
-from pyhv import __version__
+from pyhv.version import __version__
 from pyhv.errors import ConfigError, PyhvError
 
 EXIT_USAGE = 2
@@ -132,7 +132,7 @@ def build_parser() -> argparse.ArgumentParser:
     info = sub.add_parser("info", help="what this host's KVM offers (flavour, API, capabilities)")
     info.add_argument("--json", action="store_true", help="machine-readable output")
     _add_common(info)
-    from pyhv import lifecycle
+    from pyhv.cli import lifecycle
     lifecycle.add_parsers(sub, _add_common)
     from pyhv.vhost import cli as vhost_cli
     _add_common(vhost_cli.add_parser(sub))
@@ -141,10 +141,19 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def explicit_options(argv: list[str]) -> set[str]:
+    """The dests of the `pyhv run` options actually written in argv (not left at their defaults)."""
+    parser = build_parser()
+    run = parser._subparsers._group_actions[0].choices["run"]  # type: ignore[union-attr]
+    for action in run._actions:
+        action.default = argparse.SUPPRESS
+    return set(vars(parser.parse_args(argv))) - {"command"}
+
+
 def config_from_args(args: argparse.Namespace) -> "VmConfig":
-    from pyhv.chardev import ChardevSpec
+    from pyhv.runtime.chardev import ChardevSpec
     from pyhv.config import DriveConfig, NetConfig, VmConfig, parse_size
-    from pyhv.runargs import apply_file
+    from pyhv.cli.runargs import apply_file
 
     if "help" in args.device or "?" in args.device:
         from pyhv.registry import help_text
@@ -161,7 +170,7 @@ def config_from_args(args: argparse.Namespace) -> "VmConfig":
         drives=[DriveConfig.parse(d) for d in args.drive], nets=[NetConfig.parse(n) for n in args.nic],
         ioeventfd=not args.no_ioeventfd, msix=not args.no_msix,
     )
-    config = apply_file(config, args)
+    config = apply_file(config, args, explicit_options(getattr(args, "argv", [])))
     if config.kernel is None and config.firmware is None:
         if config.initrd:
             raise ConfigError("--initrd needs --kernel", "the default guest brings its own initramfs")
@@ -191,8 +200,8 @@ def use_default_guest(config: "VmConfig") -> None:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from pyhv.machine import Machine
-    from pyhv.runargs import RunHooks
+    from pyhv.machine.machine import Machine
+    from pyhv.cli.runargs import RunHooks
 
     config = config_from_args(args)
     machine = Machine(config)

@@ -26,7 +26,7 @@ import re
 import xml.etree.ElementTree as ET
 from xml.sax.saxutils import escape, quoteattr
 
-from pyhv.chardev import ChardevSpec
+from pyhv.runtime.chardev import ChardevSpec
 from pyhv.config import DriveConfig, KiB, NetConfig, VmConfig
 from pyhv.errors import ConfigError
 

@@ -89,7 +89,7 @@ class Domain:
         return self
 
     def config(self):
-        from pyhv.domain_xml import load_domain_xml
+        from pyhv.cli.domain_xml import load_domain_xml
         return load_domain_xml(self.xml_path)[0]
 
     def read_pid(self) -> int | None:
@@ -156,7 +156,7 @@ def _read_text(path: str) -> str:
 
 # --- commands ------------------------------------------------------------------------------------------------
 def cmd_define(args: argparse.Namespace) -> int:
-    from pyhv.domain_xml import load_domain_xml
+    from pyhv.cli.domain_xml import load_domain_xml
     config, warnings = load_domain_xml(args.file)
     for warning in warnings:
         print(f"pyhv: warning: {warning}", file=sys.stderr)
@@ -193,9 +193,8 @@ def cmd_start(args: argparse.Namespace) -> int:
             os.unlink(dom.file(name))
         except OSError:
             pass
-    import pyhv
     env = dict(os.environ)
-    root = os.path.dirname(os.path.dirname(os.path.abspath(pyhv.__file__)))
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))   # holds pyhv/
     env["PYTHONPATH"] = root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
     with open(dom.file("pyhv.log"), "ab") as log, open(os.devnull, "rb") as devnull:
         log.write(f"--- {time.strftime('%Y-%m-%d %H:%M:%S')} start: {shlex.join(start_command(dom))}\n".encode())
@@ -389,8 +388,8 @@ def relay_console(sock: socket.socket, in_fd: int, out_fd: int) -> int:
 
 
 def cmd_domxml_to_args(args: argparse.Namespace) -> int:
-    from pyhv.domain_xml import load_domain_xml
-    from pyhv.runargs import config_to_args
+    from pyhv.cli.domain_xml import load_domain_xml
+    from pyhv.cli.runargs import config_to_args
     config, warnings = load_domain_xml(args.file)
     for warning in warnings:
         print(f"pyhv: warning: {warning}", file=sys.stderr)

@@ -20,7 +20,7 @@ from pyhv.config import VmConfig, format_size
 from pyhv.errors import ConfigError
 
 if TYPE_CHECKING:
-    from pyhv.machine import Machine
+    from pyhv.machine.machine import Machine
     from pyhv.monitor.qmp import QmpServer
 
 log = logging.getLogger(__name__)
@@ -61,7 +61,7 @@ def load_file_config(args: argparse.Namespace) -> VmConfig | None:
     if args.config:
         return load_json_config(args.config)
     if args.domain:
-        from pyhv.domain_xml import load_domain_xml
+        from pyhv.cli.domain_xml import load_domain_xml
         config, warnings = load_domain_xml(args.domain)
         if warnings:
             log.warning("%s", warnings)
@@ -69,21 +69,13 @@ def load_file_config(args: argparse.Namespace) -> VmConfig | None:
     return None
 
 
-def explicit_options(argv: list[str]) -> set[str]:
-    """The dests of the `pyhv run` options actually written in argv (not left at their defaults)."""
-    from pyhv.cli import build_parser
-    parser = build_parser()
-    run = parser._subparsers._group_actions[0].choices["run"]  # type: ignore[union-attr]
-    for action in run._actions:
-        action.default = argparse.SUPPRESS
-    return set(vars(parser.parse_args(argv))) - {"command"}
-
-
-def apply_file(flags: VmConfig, args: argparse.Namespace) -> VmConfig:
+def apply_file(flags: VmConfig, args: argparse.Namespace, explicit: set[str]) -> VmConfig:
+    """The file's config with the options in `explicit` (the dests written on the command line) applied over
+    it; `flags` when there is no file."""
     config = load_file_config(args)
     if config is None:
         return flags
-    for dest in explicit_options(getattr(args, "argv", [])):
+    for dest in explicit:
         name = OPTION_FIELDS.get(dest)
         if name is None:
             continue

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from typing import Callable
 
 from pyhv.errors import ConfigError
-from pyhv.iothread import IoThread
+from pyhv.runtime.iothread import IoThread
 
 log = logging.getLogger(__name__)
 

@@ -43,7 +43,7 @@ def install_kick_handler() -> None:
     Python only lets the main thread install it; embedders that create VMs elsewhere call this first."""
     if signal.getsignal(KICK_SIGNAL) in (signal.SIG_DFL, signal.SIG_IGN, None):
         if threading.current_thread() is not threading.main_thread():
-            raise RuntimeError("pyhv: call pyhv.vcpu.install_kick_handler() from the main thread before starting "
+            raise RuntimeError("pyhv: call pyhv.machine.vcpu.install_kick_handler() from the main thread before starting "
                                "a VM from another thread")
         signal.signal(KICK_SIGNAL, lambda signum, frame: None)
 

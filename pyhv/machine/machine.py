@@ -26,11 +26,11 @@ from pyhv.arch.x86.linux_boot import LinuxBoot
 from pyhv.arch.x86.pvm import nested_safe_cpuid, pvm_cmdline
 from pyhv.arch.x86.pvm_syscall import SyscallRepair
 from pyhv.arch.x86.reset import reset_state
-from pyhv.chardev import Chardev, open_chardev
+from pyhv.runtime.chardev import Chardev, open_chardev
 from pyhv.config import VmConfig
 from pyhv.devices.cmos_rtc import CmosRtc
 from pyhv.devices.debug_exit import DebugExit
-from pyhv.coalesced_io import DRAIN_INTERVAL, CoalescedIo
+from pyhv.machine.coalesced_io import DRAIN_INTERVAL, CoalescedIo
 from pyhv.devices.debugcon import DebugCon
 from pyhv.devices.device import Device
 from pyhv.devices.device_type import PLATFORM, DeviceContext
@@ -39,13 +39,13 @@ from pyhv.devices.irq import CallbackIrqLine
 from pyhv.devices.post_code import PostCode
 from pyhv.devices.uart16550 import Uart16550
 from pyhv.errors import ConfigError, GuestImageError
-from pyhv.iothread import IoThread
+from pyhv.runtime.iothread import IoThread
 from pyhv.kvm import Kvm
 from pyhv.kvm import constants as C
 from pyhv.memory import AddressSpace, GuestMemory, MemoryRegion, RamBlock, memory_transaction
 from pyhv.memory.kvm_slots import KvmMemslots
 from pyhv.stats import ExitStats
-from pyhv.vcpu import VcpuThread, install_kick_handler
+from pyhv.machine.vcpu import VcpuThread, install_kick_handler
 
 log = logging.getLogger(__name__)
 
@@ -158,7 +158,7 @@ class Machine:
             raise ConfigError("nothing to boot", "give --kernel FILE or --firmware FILE")
         self.board = None
         if config.machine == "pc":
-            from pyhv.pc_board import PcBoard
+            from pyhv.machine.pc import PcBoard
             self.board = PcBoard(self)
 
     def _build_memory(self) -> None:
