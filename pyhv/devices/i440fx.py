@@ -24,6 +24,7 @@ from typing import Callable
 from pyhv.devices.pci.constants import PCI_CLASS_BRIDGE_HOST, PCI_VENDOR_ID_INTEL, PCI_VENDOR_ID_REDHAT_QUMRANET
 from pyhv.devices.pci.device import PciDevice
 from pyhv.memory import MemoryRegion, memory_transaction
+from pyhv.arch.x86.layout import ISA_BIOS_START
 
 log = logging.getLogger(__name__)
 
@@ -43,7 +44,6 @@ PAM_WRITE_WINDOW_PRIORITY = 3
 PCI_HOLE_PRIORITY = 1
 SHADOW_START, SHADOW_END = 0xC0000, 0x100000
 BIOS_SEGMENT = 0xF0000
-ISA_BIOS_START = 0xE0000
 
 
 @dataclass

@@ -1,6 +1,6 @@
 """`Machine`: a VM assembled from a `VmConfig`, and its lifecycle.
 
-Memory map (both machine types):
+Memory map (both machine types; the addresses are in `arch/x86/layout.py`):
     0x00000000 - 0x0009ffff   RAM (alias ram-low of the RAM block)
     0x000a0000 - 0x000bffff   unassigned (legacy VGA window)
     0x000c0000 - below_4g     RAM (alias ram-below-4g); with firmware, the ISA BIOS window (0xe0000+) on top
@@ -46,14 +46,10 @@ from pyhv.memory import AddressSpace, GuestMemory, MemoryRegion, RamBlock, memor
 from pyhv.memory.kvm_slots import KvmMemslots
 from pyhv.stats import ExitStats
 from pyhv.machine.vcpu import VcpuThread, install_kick_handler
+from pyhv.arch.x86.layout import BELOW_4G_LIMIT, FOUR_GIB, IDENTITY_MAP_ADDR, TSS_ADDR, VGA_END, VGA_START
 
 log = logging.getLogger(__name__)
 
-FOUR_GIB = 1 << 32
-BELOW_4G_LIMIT = 0xC0000000          # RAM below the PCI/MMIO hole
-VGA_START, VGA_END = 0xA0000, 0xC0000
-IDENTITY_MAP_ADDR = 0xFEFFC000       # as QEMU: one page, then the 3-page TSS
-TSS_ADDR = 0xFEFFD000
 
 DEFAULT_CMDLINE = "console=ttyS0 reboot=k panic=-1"
 EXIT_GUEST_CRASHED = 3               # internal error, failed entry, triple fault

@@ -29,14 +29,13 @@ from pyhv.devices.piix4_pm import Piix4Pm
 from pyhv.devices.port92 import Port92
 from pyhv.machine.irq_routing import GsiRouter
 from pyhv.virtio.device import VIRTIO_ID_BLOCK
+from pyhv.arch.x86.layout import FOUR_GIB, KVM_RESERVED_SIZE, KVM_RESERVED_START
 
 if TYPE_CHECKING:
     from pyhv.machine.machine import Machine
 
 log = logging.getLogger(__name__)
 
-FOUR_GIB = 1 << 32
-KVM_RESERVED_START, KVM_RESERVED_SIZE = 0xFEFFC000, 0x4000     # identity map page + TSS (see machine/machine.py)
 PIIX3_SLOT = 1
 PIIX4_PM_FUNCTION = 3
 FIRST_DEVICE_SLOT = 2

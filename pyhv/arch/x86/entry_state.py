@@ -13,11 +13,8 @@ import struct
 from pyhv.kvm import Vcpu
 from pyhv.kvm import structs as S
 from pyhv.memory import GuestMemory
+from pyhv.arch.x86.layout import GDT_ADDR, PD_ADDR, PDPT_ADDR, PML4_ADDR
 
-GDT_ADDR = 0x500
-PML4_ADDR = 0x9000
-PDPT_ADDR = 0xA000
-PD_ADDR = 0xB000                  # four page directories: 0xb000-0xefff
 BOOT_CS, BOOT_DS, BOOT_TSS = 0x10, 0x18, 0x20
 PVH_CS, PVH_DS, PVH_TSS = 0x08, 0x10, 0x18
 

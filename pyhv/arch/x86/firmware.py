@@ -4,8 +4,8 @@ last 16 bytes), with its last 128 KiB (or all of it, if smaller) also visible at
 from __future__ import annotations
 
 from pyhv.memory import MemoryRegion
+from pyhv.arch.x86.layout import FOUR_GIB, HIGH_MEMORY_START
 
-FOUR_GIB = 1 << 32
 ISA_BIOS_MAX = 128 * 1024
 PAGE = 4096
 
@@ -18,5 +18,5 @@ def map_firmware(system: MemoryRegion, image: bytes, name: str = "bios") -> Memo
     isa_size = min(padded, ISA_BIOS_MAX)
     isa = MemoryRegion.alias("isa-bios", rom, padded - isa_size, isa_size, owner=name)
     isa.readonly = True
-    system.add_subregion(0x100000 - isa_size, isa, priority=1)
+    system.add_subregion(HIGH_MEMORY_START - isa_size, isa, priority=1)
     return rom

@@ -23,16 +23,11 @@ from pyhv.arch.x86.pvh import build_start_info
 from pyhv.errors import ConfigError, GuestImageError
 from pyhv.kvm import Vcpu
 from pyhv.memory import GuestMemory
+from pyhv.arch.x86.layout import (CMDLINE_ADDR, CMDLINE_MAX, MP_FLOATING_ADDR, MP_TABLE_ADDR, SETUP_DATA_ADDR,
+                                  START_INFO_ADDR, ZERO_PAGE_ADDR)
 
 log = logging.getLogger(__name__)
 
-START_INFO_ADDR = 0x6000
-ZERO_PAGE_ADDR = 0x7000
-SETUP_DATA_ADDR = 0x8000
-CMDLINE_ADDR = 0x20000
-CMDLINE_MAX = 0x10000          # room reserved at CMDLINE_ADDR
-MP_TABLE_ADDR = 0x9F000          # reserved in e820 from here to 1 MiB
-MP_FLOATING_ADDR = 0x9FC00
 PAGE = 4096
 
 

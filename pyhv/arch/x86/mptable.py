@@ -4,6 +4,7 @@ points at the configuration table ("PCMP"), which may be elsewhere (with 64 CPUs
 from __future__ import annotations
 
 import struct
+from pyhv.arch.x86.layout import IOAPIC_ADDR, LAPIC_ADDR
 
 MPF_SIGNATURE = b"_MP_"
 MPC_SIGNATURE = b"PCMP"
@@ -14,8 +15,6 @@ MPC_APIC_USABLE = 1
 MP_INT, MP_NMI, MP_EXTINT = 0, 1, 3
 LAPIC_VERSION = 0x14
 IOAPIC_VERSION = 0x11
-LAPIC_ADDR = 0xFEE00000
-IOAPIC_ADDR = 0xFEC00000
 MPC_OEM = b"PYHV    "
 MPC_PRODUCT = b"PYHV MICROVM"
 ISA_IRQS = [irq for irq in range(16) if irq != 2]   # IRQ 2 is the PIC cascade; KVM routes GSI n to pin n

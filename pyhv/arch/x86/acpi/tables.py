@@ -8,6 +8,7 @@ tables in guest memory (`builder.layout_in_memory`) or the firmware (`table_load
 from __future__ import annotations
 
 import struct
+from pyhv.arch.x86.layout import IOAPIC_ADDR as IO_APIC_ADDRESS, LAPIC_ADDR as LOCAL_APIC_ADDRESS
 from dataclasses import dataclass, field
 
 OEM_ID = b"PYHV  "
@@ -81,8 +82,6 @@ MPS_INTI_POLARITY_ACTIVE_LOW = 3
 MPS_INTI_TRIGGER_CONFORMS = 0 << 2
 MPS_INTI_TRIGGER_EDGE = 1 << 2
 MPS_INTI_TRIGGER_LEVEL = 3 << 2
-LOCAL_APIC_ADDRESS = 0xFEE00000
-IO_APIC_ADDRESS = 0xFEC00000
 MAX_XAPIC_ID = 254                   # 0xFF is the broadcast id
 
 RSDP_SIGNATURE = b"RSD PTR "
