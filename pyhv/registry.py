@@ -9,7 +9,7 @@ from __future__ import annotations
 from pyhv.devices.device_type import (
     MACHINE_TRANSPORT, PCI, PLATFORM, TRANSPORT_SUFFIX, VIRTIO, DeviceSpec, DeviceType,
 )
-from pyhv.devices.options import DriveConfig, NetConfig, VhostUserConfig
+from pyhv.devices.options import ConsoleOptions, DriveConfig, NetConfig, VhostUserConfig
 from pyhv.errors import ConfigError
 
 DEVICE_TYPES: dict[str, DeviceType] = {t.name: t for t in (
@@ -22,6 +22,9 @@ DEVICE_TYPES: dict[str, DeviceType] = {t.name: t for t in (
                transports=VIRTIO, boot_index_base=1000),
     DeviceType("virtio-net", "network card on a host tap: ifname=TAP[,mac=MAC] (also --nic tap,ifname=TAP)",
                "pyhv.virtio.net:VirtioNet.create", options=NetConfig, transports=VIRTIO),
+    DeviceType("virtio-console", "the guest's hvc0 on a host character device: chardev=stdio|file:PATH|"
+               "socket:PATH|pty|none", "pyhv.virtio.console:VirtioConsole.create", options=ConsoleOptions,
+               transports=VIRTIO),
     DeviceType("vhost-user-blk", "disk served by a vhost-user back end: socket=PATH[,num-queues=N][,queue-size=N]"
                "[,bootindex=N]", "pyhv.vhost.frontend:VhostUserFrontend.create", options=VhostUserConfig,
                transports=(PCI,), boot_index_base=2000, needs_shared_memory=True),

@@ -27,7 +27,7 @@ from typing import Any, Callable
 from pyhv.errors import ConfigError
 
 PCI, MMIO, PLATFORM = "pci", "mmio", "platform"
-VIRTIO = (PCI,)                 # (PCI, MMIO) once virtio-mmio is wired into microvm
+VIRTIO = (PCI, MMIO)
 TRANSPORT_SUFFIX = {PCI: "-pci", MMIO: "-device"}
 MACHINE_TRANSPORT = {"pc": PCI, "microvm": MMIO}
 

@@ -212,3 +212,20 @@ class VhostUserConfig:
             raise ConfigError(f"{self.kind}: queue-size={self.queue_size} is not a power of 2 up to 32768")
         if not os.path.exists(self.socket):
             raise ConfigError(f"{self.kind}: no socket at {self.socket}", "start the vhost-user back end first")
+
+
+@dataclass
+class ConsoleOptions:
+    """`--device virtio-console,chardev=KIND[:PATH]`: the host end of the guest's hvc0 (stdio, file:PATH,
+    socket:PATH, pty or none, as --serial takes)."""
+    chardev: str
+
+    @classmethod
+    def from_device_arg(cls, name: str, text: str, arg: str) -> "ConsoleOptions":
+        key, eq, value = text.partition("=")
+        if key != "chardev" or not eq or not value:
+            raise ConfigError(f"--device {arg!r}: {name} needs chardev=KIND[:PATH]",
+                              "e.g. chardev=stdio, chardev=file:console.log, chardev=socket:/tmp/hvc.sock")
+        from pyhv.runtime.chardev import ChardevSpec
+        ChardevSpec.parse(value, f"--device {arg}: chardev=")          # its errors, at validation time
+        return cls(value)

@@ -45,6 +45,9 @@ from pyhv.kvm import constants as C
 from pyhv.memory import AddressSpace, GuestMemory, MemoryRegion, RamBlock, memory_transaction
 from pyhv.memory.kvm_slots import KvmMemslots
 from pyhv.stats import ExitStats
+from pyhv.machine.board import Board
+from pyhv.machine.microvm import MicrovmBoard
+from pyhv.machine.pc import PcBoard
 from pyhv.machine.vcpu import VcpuThread, install_kick_handler
 from pyhv.arch.x86.layout import BELOW_4G_LIMIT, FOUR_GIB, IDENTITY_MAP_ADDR, TSS_ADDR, VGA_END, VGA_START
 
@@ -136,26 +139,24 @@ class Machine:
 
     # --- construction ------------------------------------------------------------------------------------
     def _build_board(self, tsc_khz: int | None) -> None:
-        """Memory map, ISA devices, firmware ROM or kernel and, for `pc`, the PCI board (inside one memory
-        transaction)."""
+        """Memory map, ISA devices, the board (`pc`: PCI and fw_cfg; `microvm`: virtio-mmio slots) and the
+        firmware ROM or kernel (inside one memory transaction)."""
         config = self.config
         self._build_memory()
         self._build_isa_devices()
+        self.board: Board = PcBoard(self) if config.machine == "pc" else MicrovmBoard(self)
         self.boot_rom: MemoryRegion | None = None
         self.linux: LinuxBoot | None = None
         if config.firmware:
             with open(config.firmware, "rb") as f:
                 self.boot_rom = map_firmware(self.system_memory, f.read())
         elif config.kernel:
-            self.linux = LinuxBoot.prepare(config.kernel, config.initrd, self._kernel_cmdline(tsc_khz),
-                                           self.below_4g, self.above_4g, config.cpus, config.boot_entry)
+            cmdline = " ".join([self._kernel_cmdline(tsc_khz), *self.board.kernel_cmdline()])
+            self.linux = LinuxBoot.prepare(config.kernel, config.initrd, cmdline, self.below_4g, self.above_4g,
+                                           config.cpus, config.boot_entry)
             log.info("booting %s", self.linux.describe())
         else:
             raise ConfigError("nothing to boot", "give --kernel FILE or --firmware FILE")
-        self.board = None
-        if config.machine == "pc":
-            from pyhv.machine.pc import PcBoard
-            self.board = PcBoard(self)
 
     def _build_memory(self) -> None:
         cfg = self.config
@@ -195,7 +196,8 @@ class Machine:
         self.devices[device.name] = device
         return device
 
-    def _open_chardev(self, spec) -> Chardev:
+    def open_chardev(self, spec) -> Chardev:
+        """A character back end the machine closes at the end (the UART's, debugcon's, virtio-console's)."""
         chardev = open_chardev(spec, on_quit=lambda: self.shutdown(0, "quit from the console"),
                                on_stats=self.stats_report)
         self.chardevs.append(chardev)
@@ -204,13 +206,13 @@ class Machine:
     def _build_isa_devices(self) -> None:
         cfg = self.config
         self.devices: dict[str, Device] = {}
-        serial_out = self._open_chardev(cfg.serial)
+        serial_out = self.open_chardev(cfg.serial)
         uart = Uart16550("serial0", self.irq_line(4), serial_out.write)
         serial_out.attach(uart.receive, self.iothread)
         rtc = CmosRtc("rtc", self.irq_line(8), call_later=self.iothread.call_later)
         rtc.set_memory_size(self.below_4g, self.above_4g)
         rtc.set_cpu_count(cfg.cpus)
-        debugcon_out = self._open_chardev(cfg.debugcon)
+        debugcon_out = self.open_chardev(cfg.debugcon)
         for device in (uart, I8042("i8042", self.irq_line(1), self.irq_line(12), on_reset=self._guest_reset), rtc,
                        PostCode("post", log_codes=cfg.log_post), DebugCon("debugcon", debugcon_out.write),
                        DebugExit("debug-exit", on_exit=self._debug_exit)):
@@ -522,13 +524,8 @@ class Machine:
                               "size": image.sectors * 512, "cache": image.cache})
         return disks
 
-    def query_pci(self) -> list[dict]:
-        """Every PCI function (bus/slot/function, ids, class, BARs with address and size, IRQ), as QMP's
-        query-pci would list them; [] on a machine without PCI."""
-        return self.board.bus.describe() if self.board is not None else []
-
     def dump_pci(self) -> str:
-        return self.board.bus.dump() if self.board is not None else "(no PCI bus on this machine type)"
+        return self.board.bus.dump() if self.board.bus is not None else "(no PCI bus on this machine type)"
 
     def dump_mtree(self) -> str:
         return self.memory.dump_tree() + "\n\n" + self.io.dump_tree()
@@ -546,8 +543,7 @@ class Machine:
             self.coalesced.close()
         for v in self.vcpus:
             v.vcpu.close()
-        if self.board is not None:
-            self.board.close()
+        self.board.close()
         self.vm.close()
         self.iothread.close()
         if self._owns_kvm:

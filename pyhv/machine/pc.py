@@ -27,6 +27,7 @@ from pyhv.devices.pci.device import PciDevice
 from pyhv.devices.piix3 import Piix3
 from pyhv.devices.piix4_pm import Piix4Pm
 from pyhv.devices.port92 import Port92
+from pyhv.machine.board import Board
 from pyhv.machine.irq_routing import GsiRouter
 from pyhv.virtio.device import VIRTIO_ID_BLOCK
 from pyhv.arch.x86.layout import FOUR_GIB, KVM_RESERVED_SIZE, KVM_RESERVED_START
@@ -42,10 +43,9 @@ FIRST_DEVICE_SLOT = 2
 KVM_PIC_STATE_ELCR = 14                 # offset of elcr in struct kvm_pic_state
 
 
-class PcBoard:
+class PcBoard(Board):
     def __init__(self, machine: "Machine") -> None:
-        self.machine = machine
-        cfg = machine.config
+        super().__init__(machine)
         self.gsi_router = GsiRouter(machine.vm)
         self.bus = PciBus(machine.system_memory, machine.system_io)
         self.host = machine.attach(PciHostPorts(self.bus, on_reset=machine._guest_reset))
@@ -63,10 +63,7 @@ class PcBoard:
         self.boot_devices: list[tuple[int, PciDevice]] = []     # (boot index, device) for `bootorder`
         machine.devices["pci"] = self.bus
         self._fill_fw_cfg()
-        self.virtio: list = []
-        for spec in cfg.device_specs():
-            if spec.transport == PCI:
-                self.add_device(spec)
+        self.add_devices(PCI)
 
     def add_device(self, spec: DeviceSpec) -> PciDevice:
         """A registry device behind virtio-pci, named NAME<position> (virtio-blk0), in the firmware's boot order
@@ -76,18 +73,6 @@ class PcBoard:
         boot_index = spec.boot_index(spec.position) if backend.device_id == VIRTIO_ID_BLOCK else None
         return self.add_virtio(name, backend, boot_index)
 
-    def vhost_memory_regions(self) -> list[tuple[int, int, int, int, int]]:
-        """Guest RAM as vhost-user regions (gpa, size, user address, offset in the memfd, memfd)."""
-        m = self.machine
-        ram, fd = m.ram, m.ram.fd
-        low = min(m.below_4g, 0xA0000)
-        regions = [(0, low, ram.host_addr, 0, fd)]
-        if m.below_4g > 0xC0000:
-            regions.append((0xC0000, m.below_4g - 0xC0000, ram.host_addr + 0xC0000, 0xC0000, fd))
-        if m.above_4g:
-            regions.append((FOUR_GIB, m.above_4g, ram.host_addr + m.below_4g, m.below_4g, fd))
-        return regions
-
     def add_virtio(self, name: str, backend, boot_index: int | None) -> PciDevice:
         """Plug a virtio back end behind a virtio-pci function."""
         from pyhv.virtio.pci import VirtioPciDevice
@@ -95,14 +80,10 @@ class PcBoard:
         m = self.machine
         dev = VirtioPciDevice(name, backend, m.guest_memory, m.iothread,
                               msi_routes=self.msi_routes if m.config.msix else None,
-                              use_ioeventfd=m.config.ioeventfd, ioeventfd=self._ioeventfd)
-        self.virtio.append(dev)
+                              use_ioeventfd=m.config.ioeventfd, ioeventfd=self.ioeventfd)
+        self.transports.append(dev)
         m.devices[name] = dev
         return self.plug(dev, boot_index=boot_index)
-
-    def _ioeventfd(self, fd: int, addr: int, length: int, deassign: bool) -> None:
-        from pyhv.kvm.system import IoEventFd
-        self.machine.vm.ioeventfd(IoEventFd(fd, addr, length, False, None), deassign=deassign)
 
     # --- PCI devices ----------------------------------------------------------------------------------------------
     def plug(self, device: PciDevice, slot: int | None = None, boot_index: int | None = None) -> PciDevice:
@@ -159,6 +140,5 @@ class PcBoard:
         return self.gsi_router.msi_routes(name, count)
 
     def close(self) -> None:
-        for dev in self.virtio:
-            dev.close()
+        super().close()
         self.gsi_router.close()

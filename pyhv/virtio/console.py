@@ -64,6 +64,12 @@ class VirtioConsole(VirtioDevice):
     queue_sizes = (QUEUE_SIZE, QUEUE_SIZE)
     name = "virtio-console"
 
+    @classmethod
+    def create(cls, context, options) -> "VirtioConsole":
+        from pyhv.runtime.chardev import ChardevSpec
+        chardev = context.machine.open_chardev(ChardevSpec.parse(options.chardev, "virtio-console chardev="))
+        return cls(chardev, context.machine.iothread, name=context.name)
+
     def __init__(self, chardev: "Chardev | None" = None, iothread: "IoThread | None" = None,
                  name: str | None = None, cols: int = 80, rows: int = 25, rx_limit: int = RX_LIMIT) -> None:
         """`chardev`: the host end (None: output discarded, no input); with `iothread` its input is attached

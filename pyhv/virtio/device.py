@@ -87,6 +87,8 @@ COMMON_FEATURES = bits(VIRTIO_F_VERSION_1, VIRTIO_F_EVENT_IDX, VIRTIO_F_INDIRECT
 
 MemoryLike = object       # anything with view(gpa, length, write=False) -> memoryview
 Interrupt = Callable[[int], None]
+# a board's KVM ioeventfd call for a transport: (fd, guest address, length, datamatch or None, deassign)
+IoEventFdSink = Callable[[int, int, int, "int | None", bool], None]
 
 
 class VirtioDevice:

@@ -42,7 +42,7 @@ from pyhv.devices.registers import Register, RegisterBank
 from pyhv.memory import MemoryRegion
 from pyhv.virtio.device import (
     VIRTIO_CONFIG_S_DRIVER_OK, VIRTIO_CONFIG_S_FEATURES_OK, VIRTIO_CONFIG_S_NEEDS_RESET, VIRTIO_F_EVENT_IDX,
-    VIRTIO_F_INDIRECT_DESC, VIRTIO_F_VERSION_1, VirtioDevice,
+    VIRTIO_F_INDIRECT_DESC, VIRTIO_F_VERSION_1, IoEventFdSink, VirtioDevice,
 )
 from pyhv.virtio.queue import VirtQueue, VirtQueueError
 
@@ -132,9 +132,6 @@ class VirtioMmioState:
     queues: list[VirtioMmioQueue] = field(default_factory=list)
     notifies: list[int] = field(default_factory=list)   # per queue, notifications that reached Python
     interrupts: int = 0                                 # times the line was raised (or the irqfd written)
-
-
-IoEventFdSink = Callable[[int, int, int, "int | None", bool], None]   # (fd, addr, length, datamatch, deassign)
 
 
 class VirtioMmioDevice:

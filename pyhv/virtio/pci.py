@@ -33,7 +33,7 @@ from pyhv.memory import MemoryRegion
 from pyhv.virtio.device import (
     VIRTIO_CONFIG_S_DRIVER_OK, VIRTIO_CONFIG_S_FEATURES_OK, VIRTIO_CONFIG_S_NEEDS_RESET, VIRTIO_F_EVENT_IDX,
     VIRTIO_F_INDIRECT_DESC, VIRTIO_F_VERSION_1,
-    VIRTIO_ID_BLOCK, VIRTIO_ID_NET, VirtioDevice,
+    VIRTIO_ID_BLOCK, VIRTIO_ID_NET, IoEventFdSink, VirtioDevice,
 )
 from pyhv.virtio.queue import VirtQueue, VirtQueueError
 
@@ -137,9 +137,9 @@ class VirtioPciDevice(PciDevice):
 
     def __init__(self, name: str, backend: VirtioDevice, memory: "GuestMemory", iothread: "IoThread",
                  msi_routes: Callable[[str, int], list[MsiRoute]] | None = None, use_ioeventfd: bool = True,
-                 ioeventfd: Callable[[int, int, int, bool], None] | None = None, msix: bool = True) -> None:
+                 ioeventfd: IoEventFdSink | None = None, msix: bool = True) -> None:
         """`msi_routes(name, n)`: n MSI routes (None: no MSI-X, INTx only). `ioeventfd(fd, addr, length,
-        deassign)`: registers a KVM ioeventfd (None or use_ioeventfd=False: notifications exit)."""
+        datamatch, deassign)`: registers a KVM ioeventfd (None or use_ioeventfd=False: notifications exit)."""
         self.DEVICE_ID = VIRTIO_PCI_DEVICE_ID_BASE + backend.device_id
         self.CLASS_CODE = CLASS_BY_DEVICE.get(backend.device_id, PCI_CLASS_OTHERS)
         super().__init__(name)
@@ -265,9 +265,9 @@ class VirtioPciDevice(PciDevice):
         for q, fd in enumerate(self._kick_fds):
             at = NOTIFY_OFFSET + q * NOTIFY_OFF_MULTIPLIER
             if self._registered_at != BAR_UNMAPPED:
-                self._ioeventfd(fd, self._registered_at + at, 2, True)
+                self._ioeventfd(fd, self._registered_at + at, 2, None, True)
             if bar_addr != BAR_UNMAPPED:
-                self._ioeventfd(fd, bar_addr + at, 2, False)
+                self._ioeventfd(fd, bar_addr + at, 2, None, False)
         self._registered_at = bar_addr
 
     # --- common configuration registers ------------------------------------------------------------------------

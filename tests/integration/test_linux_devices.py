@@ -1,6 +1,7 @@
-"""Linux's own drivers against pyhv's PC devices: the project's small kernel, booted by pyhv with `--machine pc`,
-binds virtio_blk and virtio_net to pyhv's virtio-pci devices (MSI-X through irqfd, notifications through
-ioeventfd) and moves data through them; the host checks what arrived. The guest commands go through files rather
+"""Linux's own drivers against pyhv's devices: the project's small kernel, booted by pyhv on `--machine pc`
+(virtio-pci: MSI-X through irqfd) and on `microvm` (virtio-mmio slots announced on the command line, an irqfd on
+each slot's GSI), notifications through ioeventfd on both, binds virtio_blk, virtio_net, virtio_rng and
+virtio_console and moves data through them; the host checks what arrived. The guest commands go through files rather
 than pipelines: on PVM hosts a program exec'd while others are runnable intermittently dies of SIGSEGV
 (pyhv/assets/init_script.py, PVM_NOTE)."""
 from __future__ import annotations
@@ -8,22 +9,32 @@ from __future__ import annotations
 import hashlib
 import os
 import random
+import socket
 import subprocess
 import sys
+import threading
+import time
 
 import pytest
 
 from net_helpers import NET_SERVER
-from linux_guest import boot
+from linux_guest import BOOT_TIMEOUT, boot
 from pyhv.assets.protocol import command_output, debug_exit_status
 
 pytestmark = [pytest.mark.kvm, pytest.mark.slow]
 MiB = 1 << 20
 
 
-def boot_pc(assets, command: str, *extra: str, prefix: tuple[str, ...] = ()) -> tuple[int, str]:
-    status, out, err = boot(assets, "--machine", "pc", *extra, command=command, prefix=prefix)
+MACHINES = ["pc", "microvm"]
+
+
+def boot_on(machine: str, assets, command: str, *extra: str, prefix: tuple[str, ...] = ()) -> tuple[int, str]:
+    status, out, err = boot(assets, "--machine", machine, *extra, command=command, prefix=prefix)
     return status, out + err
+
+
+def boot_pc(assets, command: str, *extra: str, prefix: tuple[str, ...] = ()) -> tuple[int, str]:
+    return boot_on("pc", assets, command, *extra, prefix=prefix)
 
 
 def values(output: str) -> dict[str, str]:
@@ -32,7 +43,8 @@ def values(output: str) -> dict[str, str]:
     return {k: v.split()[0] if v else v for k, v in (line.split("=", 1) for line in lines if "=" in line)}
 
 
-def test_virtio_blk_driver_reads_writes_and_respects_read_only(linux_guest, tmp_path):
+@pytest.mark.parametrize("machine", MACHINES)
+def test_virtio_blk_driver_reads_writes_and_respects_read_only(linux_guest, tmp_path, machine):
     disk, ro_disk = tmp_path / "disk.raw", tmp_path / "ro.raw"
     host_data = os.urandom(2 * MiB)
     with open(disk, "wb") as f:
@@ -41,8 +53,9 @@ def test_virtio_blk_driver_reads_writes_and_respects_read_only(linux_guest, tmp_
     with open(ro_disk, "wb") as f:
         f.write(b"R" * 4096)
         f.truncate(4 * MiB)
-    status, out = boot_pc(linux_guest, "; ".join([
+    status, out = boot_on(machine, linux_guest, "; ".join([
         "echo driver=$(basename $(readlink /sys/block/vda/device/driver))",
+        "echo path=$(readlink -f /sys/block/vda/device)",
         "echo serial=$(cat /sys/block/vda/serial)",
         "echo sectors=$(cat /sys/block/vda/size)",
         "dd if=/dev/vda of=/tmp/r bs=64k count=32 2>/dev/null", "echo readsum=$(sha256sum /tmp/r)",
@@ -51,6 +64,7 @@ def test_virtio_blk_driver_reads_writes_and_respects_read_only(linux_guest, tmp_
         "echo ro=$(cat /sys/block/vdb/ro)",
         "dd if=/tmp/w of=/dev/vdb bs=4k count=1 conv=fsync 2>/dev/null; echo rodd=$?",
         "echo msi=$(grep -c 'PCI-MSI.*virtio' /proc/interrupts)",
+        "echo ioapic=$(grep -c 'IO-APIC.*virtio' /proc/interrupts)",
     ]), "--drive", f"file={disk},serial=pyhv-disk-1", "--drive", f"file={ro_disk},readonly=on")
     assert status == debug_exit_status(0), out[-3000:]
     got = values(out)
@@ -64,10 +78,16 @@ def test_virtio_blk_driver_reads_writes_and_respects_read_only(linux_guest, tmp_
     assert got["ro"] == "1" and got["rodd"] != "0"
     with open(ro_disk, "rb") as f:
         assert f.read(4096) == b"R" * 4096                  # the read-only image is untouched
-    assert int(got["msi"]) >= 2                             # config and request vectors of MSI-X, per disk
+    if machine == "pc":
+        assert "/pci" in got["path"]
+        assert int(got["msi"]) >= 2                         # config and request vectors of MSI-X, per disk
+    else:
+        assert "virtio-mmio" in got["path"] and got["msi"] == "0"
+        assert got["ioapic"] == "2"                         # one slot GSI per disk
 
 
-def test_virtio_net_driver_moves_tcp_both_ways(linux_guest, netns):
+@pytest.mark.parametrize("machine", MACHINES)
+def test_virtio_net_driver_moves_tcp_both_ways(linux_guest, netns, machine):
     n = 1 * MiB          # each way; on PVM hosts every guest system call costs ~1 ms
     tap = f"pv{random.randrange(1 << 24):x}"
     subprocess.run(["ip", "-n", netns, "tuntap", "add", "dev", tap, "mode", "tap"], check=True)
@@ -76,7 +96,7 @@ def test_virtio_net_driver_moves_tcp_both_ways(linux_guest, netns):
     server = subprocess.Popen(["ip", "netns", "exec", netns, sys.executable, "-c", NET_SERVER, "10.213.1.1", str(n)],
                               stdout=subprocess.PIPE, text=True)
     try:
-        status, out = boot_pc(linux_guest, "\n".join([
+        status, out = boot_on(machine, linux_guest, "\n".join([
             "echo driver=$(basename $(readlink /sys/class/net/eth0/device/driver))",
             "echo mac=$(cat /sys/class/net/eth0/address)",
             "ip addr add 10.213.1.2/24 dev eth0", "ip link set eth0 up",
@@ -98,17 +118,58 @@ def test_virtio_net_driver_moves_tcp_both_ways(linux_guest, netns):
     assert int(sent["recvlen"]) == n and sent["recvsum"] == got["txsum"] and got["ack"] == "received"
 
 
-def test_virtio_rng_from_the_registry_feeds_dev_hwrng(linux_guest):
-    """`--device virtio-rng-pci` (a registry device, no wiring of its own): Linux's virtio_rng binds and
-    /dev/hwrng gives bytes that are not all the same."""
-    status, out = boot_pc(linux_guest, "; ".join([
+@pytest.mark.parametrize("machine,name", [("pc", "virtio-rng-pci"), ("microvm", "virtio-rng-device")])
+def test_virtio_rng_from_the_registry_feeds_dev_hwrng(linux_guest, machine, name):
+    """`--device virtio-rng-pci` / `virtio-rng-device` (a registry device, no wiring of its own): Linux's
+    virtio_rng binds and /dev/hwrng gives bytes that are not all the same."""
+    status, out = boot_on(machine, linux_guest, "; ".join([
         "echo current=$(cat /sys/class/misc/hw_random/rng_current)",
         "dd if=/dev/hwrng of=/tmp/r bs=512 count=8 2>/dev/null; echo dd=$?",
         "echo size=$(wc -c < /tmp/r)",
         "echo distinct=$(od -An -v -tx1 /tmp/r | tr ' ' '\\n' | grep . | sort -u | wc -l)",
-    ]), "--device", "virtio-rng-pci")
+    ]), "--device", name)
     assert status == debug_exit_status(0), out[-3000:]
     got = values(out)
     assert got["current"].startswith("virtio_rng"), got
     assert got["dd"] == "0" and got["size"] == "4096"
     assert int(got["distinct"]) > 200          # 4 KiB from getrandom(2) has nearly all 256 byte values
+
+
+@pytest.mark.parametrize("machine", MACHINES)
+def test_virtio_console_is_hvc0_both_ways(linux_guest, tmp_path, machine):
+    """`--device virtio-console,chardev=socket:PATH`: Linux's virtio_console gives /dev/hvc0; what the guest
+    writes there reaches the socket, and a line the host sends back is what the guest reads."""
+    path = str(tmp_path / "hvc.sock")
+    seen = bytearray()
+
+    def host_side() -> None:
+        deadline = time.monotonic() + BOOT_TIMEOUT
+        while not os.path.exists(path) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        with socket.socket(socket.AF_UNIX) as s:
+            s.connect(path)
+            s.settimeout(BOOT_TIMEOUT)
+            while b"hello-hvc" not in seen:
+                data = s.recv(4096)
+                if not data:
+                    return
+                seen.extend(data)
+            s.sendall(b"ping-from-host\n")
+            while data := s.recv(4096):          # until pyhv closes it at the end
+                seen.extend(data)
+
+    host = threading.Thread(target=host_side, daemon=True)
+    host.start()
+    status, out = boot_on(machine, linux_guest, "; ".join([
+        "echo driver=$(basename $(readlink /sys/class/tty/hvc0/device/driver 2>/dev/null || "
+        "readlink /sys/bus/virtio/drivers/virtio_console/virtio*/driver))",
+        "exec 3<>/dev/hvc0",              # open once: a tty's last close drops input not read yet
+        "echo hello-hvc >&3",
+        "read -r line <&3; echo got=$line",
+    ]), "--device", f"virtio-console,chardev=socket:{path}")
+    host.join(10)
+    assert status == debug_exit_status(0), out[-3000:]
+    got = values(out)
+    assert got["driver"] == "virtio_console"
+    assert got["got"] == "ping-from-host"
+    assert b"hello-hvc" in seen

@@ -74,7 +74,7 @@ def test_pc_machine_layout_and_describe():
     try:
         tree = machine.dump_mtree()
         assert "pam-f0000" in tree and "pci-legacy-hole" in tree and "piix4-pm-pmio" in tree
-        devices = machine.query_pci()
+        devices = machine.board.bus.describe()
         assert [(d["slot"], d["function"], d["vendor_id"], d["device_id"]) for d in devices] == \
             [(0, 0, 0x8086, 0x1237), (1, 0, 0x8086, 0x7000), (1, 3, 0x8086, 0x7113)]
         assert devices[1]["class_code"] >> 8 == 0x0601

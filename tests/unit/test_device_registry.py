@@ -66,5 +66,7 @@ def test_drives_and_nics_are_registry_devices(tmp_path):
     config.drives = [registry.DriveConfig.parse(str(disk))]
     specs = config.validate().device_specs()
     assert [(s.type.name, s.boot_index(0)) for s in specs] == [("virtio-blk", 1000), ("virtio-blk", 3)]
-    with pytest.raises(ConfigError, match="--drive needs --machine pc"):
-        VmConfig(kernel=str(disk), drives=[registry.DriveConfig.parse(str(disk))]).validate()
+    microvm = VmConfig(kernel=str(disk), drives=[registry.DriveConfig.parse(str(disk))]).validate()
+    assert [(s.type.name, s.transport) for s in microvm.device_specs()] == [("virtio-blk", "mmio")]
+    with pytest.raises(ConfigError, match="needs --machine pc"):
+        VmConfig(kernel=str(disk), devices=[f"vhost-user-blk,socket={disk}"]).validate()

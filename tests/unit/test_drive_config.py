@@ -38,5 +38,4 @@ def test_validation(tmp_path):
         DriveConfig(str(img), num_queues=0).validate()
     with pytest.raises(ConfigError, match="no such file"):
         DriveConfig(str(tmp_path / "missing")).validate()
-    with pytest.raises(ConfigError, match="needs --machine pc"):
-        VmConfig(drives=[DriveConfig(str(img))]).validate()
+    assert [s.transport for s in VmConfig(drives=[DriveConfig(str(img))]).validate().device_specs()] == ["mmio"]
