@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV   := .venv
 PY     := $(VENV)/bin/python
 
-.PHONY: run demo test deps bench clean compile
+.PHONY: run demo test lint deps bench clean compile
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -32,6 +32,12 @@ demo: compile
 
 test: $(VENV)/.installed deps
 	$(PY) -m pytest -q $(PYTEST_ARGS)
+
+# The contracts CI holds the code to besides the tests: ruff (pyflakes, pycodestyle, bugbear; pyproject.toml) on
+# everything, mypy on the embeddable API that users type-check their own code against.
+lint: $(VENV)/.installed
+	$(VENV)/bin/ruff check pyhv tests bench scripts
+	$(VENV)/bin/mypy --follow-imports=silent pyhv/api.py pyhv/__init__.py
 
 bench: compile deps
 	$(PY) bench/exits.py

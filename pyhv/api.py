@@ -27,10 +27,15 @@ import tempfile
 import threading
 import time
 from dataclasses import dataclass
-from typing import Any, Iterable
+from typing import TYPE_CHECKING, Any, Iterable
 
 from pyhv.runtime.chardev import ChardevSpec
 from pyhv.config import DriveConfig, NetConfig, VmConfig, parse_size
+
+if TYPE_CHECKING:
+    from pyhv.machine.machine import Machine
+    from pyhv.monitor.client import QmpClient
+    from pyhv.monitor.qmp import QmpServer
 
 AGENT_CMDLINE = "pyhv.agent=1"
 AGENT_READY = "PYHV-AGENT-READY"
@@ -138,10 +143,10 @@ class VM:
                 config.machine = machine
         self.config = config
         self.agent = agent or AGENT_CMDLINE in (config.append or "").split()
-        self.machine = None
+        self.machine: Machine | None = None
         self.console: Console | None = None
-        self._qmp_server = None
-        self._qmp_client = None
+        self._qmp_server: QmpServer | None = None
+        self._qmp_client: QmpClient | None = None
         self._dir: str | None = None
         self._agent_ready = False
         self._started = False
@@ -149,6 +154,11 @@ class VM:
     @property
     def qmp_path(self) -> str | None:
         return os.path.join(self._dir, "qmp.sock") if self._dir else None
+
+    def _qmp_socket(self) -> str:
+        if self._dir is None:
+            raise RuntimeError("the VM is not started")
+        return os.path.join(self._dir, "qmp.sock")
 
     def start(self) -> "VM":
         from pyhv.machine.machine import Machine
@@ -161,13 +171,13 @@ class VM:
         console_path = os.path.join(self._dir, "console.sock")
         config = VmConfig.from_dict({**self.config.to_dict(), "serial": ChardevSpec("socket", console_path)})
         try:
-            self.machine = Machine(config)
-            self._qmp_server = QmpServer(self.machine, self.qmp_path)
+            machine = self.machine = Machine(config)
+            server = self._qmp_server = QmpServer(machine, self._qmp_socket())
             sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
             sock.connect(console_path)
             self.console = Console(sock)
-            self._qmp_server.start()
-            self.machine.start()
+            server.start()
+            machine.start()
         except BaseException:
             self.close()
             raise
@@ -179,7 +189,7 @@ class VM:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    def _require(self):
+    def _require(self) -> "Machine":
         if self.machine is None:
             raise RuntimeError("the VM is not started")
         return self.machine
@@ -207,7 +217,7 @@ class VM:
         from pyhv.monitor.client import QmpClient
         self._require()
         if self._qmp_client is None:
-            self._qmp_client = QmpClient(self.qmp_path)
+            self._qmp_client = QmpClient(self._qmp_socket())
         return self._qmp_client.execute(command, **arguments)
 
     def wait(self, timeout: float | None = None) -> int | None:

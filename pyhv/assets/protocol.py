@@ -26,9 +26,10 @@ Before running pyhv.cmd or agent commands, /init sets the console log level to 4
 and worse still reach the console (and may interleave with command output), routine ones (a file system mounted,
 a clock source switched) only the kernel log (`dmesg`). `ignore_loglevel` on the command line shows them all.
 
-Agent mode (pyhv.agent=1): /init turns off the console's echo, prints PYHV-AGENT-READY and then reads commands, one per line ("\\n"-terminated, at most 4095 bytes; empty lines are
-ignored). Each runs with `sh -c` and stdin from /dev/null; its stdout and stderr go to the console, followed by
-PYHV-EXIT-STATUS=N. `pyhv-exit N` as a command ends the VM. `GuestAgent` implements the host side.
+Agent mode (pyhv.agent=1): /init turns off the console's echo, prints PYHV-AGENT-READY and then reads commands,
+one per line ("\\n"-terminated, at most 4095 bytes; empty lines are ignored). Each runs with `sh -c` and stdin
+from /dev/null; its stdout and stderr go to the console, followed by PYHV-EXIT-STATUS=N.
+`pyhv-exit N` as a command ends the VM. `GuestAgent` implements the host side.
 """
 from __future__ import annotations
 

@@ -118,9 +118,6 @@ class FwCfg:
     def add_u16(self, key: int, value: int) -> None:
         self.add_item(key, struct.pack("<H", value))
 
-    def add_u32(self, key: int, value: int) -> None:
-        self.add_item(key, struct.pack("<I", value))
-
     def add_u64(self, key: int, value: int) -> None:
         self.add_item(key, struct.pack("<Q", value))
 

@@ -85,6 +85,10 @@ class kvm_pit_config(_Struct):
     _fields_ = [("flags", u32), ("pad", u32 * 15)]
 
 
+class kvm_coalesced_mmio_zone(_Struct):
+    _fields_ = [("addr", u64), ("size", u32), ("pio", u32)]
+
+
 class kvm_ioeventfd(_Struct):
     _fields_ = [("datamatch", u64), ("addr", u64), ("len", u32), ("fd", s32), ("flags", u32), ("pad", u8 * 36)]
 

@@ -11,12 +11,13 @@ the VM): u32 first (pyhv's), u32 last (KVM's), then entries {u64 phys_addr; u32 
 """
 from __future__ import annotations
 
-import ctypes
 import logging
 import struct
 import threading
 from typing import TYPE_CHECKING
 
+from pyhv.kvm.constants import KVM_CAP_COALESCED_MMIO, KVM_CAP_COALESCED_PIO, KVM_REGISTER_COALESCED_MMIO
+from pyhv.kvm.structs import kvm_coalesced_mmio_zone
 from pyhv.kvm.system import ioctl
 
 if TYPE_CHECKING:
@@ -25,19 +26,12 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-KVM_CAP_COALESCED_MMIO = 15
-KVM_CAP_COALESCED_PIO = 162
-KVM_REGISTER_COALESCED_MMIO = (1 << 30) | (16 << 16) | (0xAE << 8) | 0x67     # _IOW(KVMIO, 0x67, zone)
 PAGE = 4096
 _HEAD = struct.Struct("=II")
 _ENTRY = struct.Struct("=QII8s")
 ENTRY_OFFSET = _HEAD.size
 MAX_ENTRIES = (PAGE - ENTRY_OFFSET) // _ENTRY.size
 DRAIN_INTERVAL = 0.05
-
-
-class kvm_coalesced_mmio_zone(ctypes.Structure):
-    _fields_ = [("addr", ctypes.c_uint64), ("size", ctypes.c_uint32), ("pio", ctypes.c_uint32)]
 
 
 class CoalescedIo:

@@ -173,15 +173,6 @@ class AddressSpace:
         walk(self.root, 0, 0, 1)
         return "\n".join(lines)
 
-    def dump_flat(self) -> str:
-        """The flat view, like QEMU's `info mtree -f`."""
-        lines = [f"FlatView ({self.name}):"]
-        for r in self.view.ranges:
-            kind = "rom" if r.readonly else r.region.kind.value
-            lines.append(f"  {r.start:016x}-{r.end - 1:016x} (prio 0, {kind}): {r.region.name}"
-                         + (f" @{r.offset:016x}" if r.offset else ""))
-        return "\n".join(lines)
-
 
 def render(root: MemoryRegion, space: AddressSpace) -> list[FlatRange]:
     """Flatten a region tree: higher priority first; a region only fills what is still free."""

@@ -88,5 +88,3 @@ class GuestMemory:
     def read_int(self, gpa: int, size: int) -> int:
         return int.from_bytes(self.view(gpa, size), "little")
 
-    def write_int(self, gpa: int, size: int, value: int) -> None:
-        self.view(gpa, size, write=True)[:] = (value & ((1 << (8 * size)) - 1)).to_bytes(size, "little")

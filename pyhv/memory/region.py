@@ -185,12 +185,6 @@ class MemoryRegion:
                 self.readonly = readonly
                 self._changed()
 
-    def set_alias_offset(self, offset: int) -> None:
-        with memory_transaction():
-            if offset != self.alias_offset:
-                self.alias_offset = offset
-                self._changed()
-
     def _changed(self) -> None:
         seen: set[int] = set()
         stack: list[MemoryRegion] = [self]

@@ -34,7 +34,7 @@ import logging
 import os
 import threading
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Callable
+from typing import TYPE_CHECKING, Any
 
 from pyhv.devices.device import Claim
 from pyhv.devices.irq import IrqLine, NullIrqLine

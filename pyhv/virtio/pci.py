@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Callable
 
 from pyhv.devices.pci.constants import (
-    PCI_CAP_ID_VNDR, PCI_CLASS_NETWORK_ETHERNET, PCI_CLASS_OTHERS, PCI_CLASS_STORAGE_SCSI,
+    PCI_CAP_ID_VNDR, PCI_CLASS_COMMUNICATION_OTHER, PCI_CLASS_NETWORK_ETHERNET, PCI_CLASS_OTHERS, PCI_CLASS_STORAGE_SCSI,
     PCI_VENDOR_ID_REDHAT_QUMRANET,
 )
 from pyhv.devices.pci.device import BAR_UNMAPPED, Bar, PciDevice
@@ -33,7 +33,7 @@ from pyhv.memory import MemoryRegion
 from pyhv.virtio.device import (
     VIRTIO_CONFIG_S_DRIVER_OK, VIRTIO_CONFIG_S_FEATURES_OK, VIRTIO_CONFIG_S_NEEDS_RESET, VIRTIO_F_EVENT_IDX,
     VIRTIO_F_INDIRECT_DESC, VIRTIO_F_VERSION_1,
-    VIRTIO_ID_BLOCK, VIRTIO_ID_NET, IoEventFdSink, VirtioDevice,
+    VIRTIO_ID_BLOCK, VIRTIO_ID_CONSOLE, VIRTIO_ID_NET, IoEventFdSink, VirtioDevice,
 )
 from pyhv.virtio.queue import VirtQueue, VirtQueueError
 
@@ -72,7 +72,10 @@ DEVICE_OFFSET, DEVICE_SIZE = 0x2000, 0x1000
 NOTIFY_OFFSET, NOTIFY_SIZE = 0x3000, 0x1000
 NOTIFY_OFF_MULTIPLIER = 4
 
-CLASS_BY_DEVICE = {VIRTIO_ID_BLOCK: PCI_CLASS_STORAGE_SCSI, VIRTIO_ID_NET: PCI_CLASS_NETWORK_ETHERNET}
+# The PCI class each virtio device type reports, as QEMU's virtio-*-pci do (by device ID, so that vhost-user front
+# ends, whose device type is only a number, get the same class as pyhv's own back ends).
+CLASS_BY_DEVICE = {VIRTIO_ID_BLOCK: PCI_CLASS_STORAGE_SCSI, VIRTIO_ID_NET: PCI_CLASS_NETWORK_ETHERNET,
+                   VIRTIO_ID_CONSOLE: PCI_CLASS_COMMUNICATION_OTHER}
 
 
 @dataclass

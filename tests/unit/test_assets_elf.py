@@ -24,7 +24,7 @@ def make_elf(sections: list[tuple[str, int, bytes]]) -> bytes:
     body = b""
     headers = [b"\0" * 64]
     pos = 64
-    for (name, sh_type, data), name_off in zip(sections + [(".shstrtab", 3, names)], offsets):
+    for (_name, sh_type, data), name_off in zip(sections + [(".shstrtab", 3, names)], offsets):
         headers.append(struct.pack("<IIQQQQIIQQ", name_off, sh_type, 0, 0, pos + len(body), len(data), 0, 0, 1, 0))
         body += data
     shoff = 64 + len(body)

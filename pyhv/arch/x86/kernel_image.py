@@ -7,7 +7,6 @@ emulated instruction by instruction (seconds), and on hardware still costs tens 
 from __future__ import annotations
 
 import bz2
-import gzip
 import hashlib
 import logging
 import lzma
