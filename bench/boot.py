@@ -69,7 +69,9 @@ def main() -> int:
     p.add_argument("--reps", type=int, default=3)
     p.add_argument("--timeout", type=float, default=120.0, help="seconds per run (default 120)")
     p.add_argument("--memory", default="128M")
-    p.add_argument("--vmms", default="pyhv,qemu-microvm,qemu-pc")
+    p.add_argument("--vmms", default="pyhv,qemu-microvm,qemu-pc",
+                   help="comma-separated, from: pyhv (ACPI on, the default), pyhv-acpi-off (MP table and "
+                        "virtio_mmio.device=), qemu-microvm (acpi=off), qemu-microvm-acpi, qemu-pc")
     args = p.parse_args()
     from pyhv.assets import build_guest
     assets = build_guest(args.kernel)
@@ -87,7 +89,10 @@ def main() -> int:
     commands = {
         "pyhv": [sys.executable, "-m", "pyhv.cli", "run", "--kernel", kernel, "--initrd", initrd, "--memory",
                  args.memory, "--append", base],
+        "pyhv-acpi-off": [sys.executable, "-m", "pyhv.cli", "run", "--kernel", kernel, "--initrd", initrd,
+                          "--memory", args.memory, "--append", base, "--acpi", "off"],
         "qemu-microvm": qemu_common + ["-M", "microvm,acpi=off"],
+        "qemu-microvm-acpi": qemu_common + ["-M", "microvm,acpi=on"],
         "qemu-pc": qemu_common + ["-M", "pc"],
     }
     vmms = [v for v in args.vmms.split(",") if v in commands]

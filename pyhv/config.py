@@ -71,6 +71,7 @@ class VmConfig:
     pvm_syscall_fix: str = "auto"   # auto (on PVM hosts) | on | off
     ioeventfd: bool = True          # virtio notifications handled in the kernel (False: they exit to pyhv)
     msix: bool = True               # PCI devices offer MSI-X (False: INTx only)
+    acpi: bool = True               # pyhv's ACPI tables describe the machine (False: the MP table, as before)
 
     def validate(self) -> "VmConfig":
         if self.machine not in MACHINES:

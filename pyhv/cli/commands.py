@@ -10,10 +10,13 @@ import argparse
 import json
 import logging
 import sys
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
 
 from pyhv.version import __version__
 from pyhv.errors import ConfigError, PyhvError
+
+if TYPE_CHECKING:
+    from pyhv.config import VmConfig
 
 EXIT_USAGE = 2
 
@@ -62,14 +65,19 @@ def _add_run_options(p: argparse.ArgumentParser) -> None:
                     help="add a device, e.g. virtio-rng-pci, testdev, vhost-user-blk-pci,socket=PATH (vhost-user "
                          "needs --memory-backend memfd); `--device help` lists them all with their options")
     hw.add_argument("--drive", action="append", default=[], metavar="SPEC",
-                    help="virtio-blk disk (--machine pc): file=PATH[,readonly=on][,cache=none|writeback]"
-                         "[,serial=ID][,num-queues=N][,bootindex=N]; repeat for more disks")
+                    help="virtio-blk disk (virtio-pci on pc, virtio-mmio on microvm): file=PATH[,readonly=on]"
+                         "[,cache=none|writeback][,serial=ID][,num-queues=N][,bootindex=N]; repeat for more disks")
     hw.add_argument("--no-ioeventfd", action="store_true",
                     help="virtio notifications exit to pyhv instead of being handled by KVM (for comparison)")
     hw.add_argument("--no-msix", action="store_true", help="PCI devices offer no MSI-X: interrupts are INTx only")
+    hw.add_argument("--acpi", choices=("on", "off"), default="on",
+                    help="ACPI tables written by pyhv (default: on, as QEMU): the CPUs (MADT), the devices (DSDT: "
+                         "virtio-mmio on microvm, the PCI root bridge on pc) and a power button (QMP "
+                         "system_powerdown); firmware gets them through fw_cfg. off: an MP table (and "
+                         "virtio_mmio.device= on the kernel command line); SeaBIOS then writes its own")
     hw.add_argument("--nic", action="append", default=[], metavar="tap,ifname=NAME[,mac=MAC]",
-                    help="a virtio-net-pci card on tap NAME (created if missing, which needs root) for --machine "
-                         "pc; repeat for more cards")
+                    help="a virtio-net card on tap NAME (created if missing, which needs root); repeat for more "
+                         "cards")
     hw.add_argument("--name", default="pyhv", help="the VM's name (default: pyhv)")
     hw.add_argument("--uuid", help="the VM's UUID")
     files = p.add_argument_group("the VM from a file (options given as well override the file's values)")
@@ -168,7 +176,7 @@ def config_from_args(args: argparse.Namespace) -> "VmConfig":
         pvm_workarounds=not args.no_pvm_workarounds, pvm_syscall_fix=args.pvm_syscall_fix,
         emulation_fallbacks=not args.no_emulation_fallbacks, name=args.name, uuid=args.uuid,
         drives=[DriveConfig.parse(d) for d in args.drive], nets=[NetConfig.parse(n) for n in args.nic],
-        ioeventfd=not args.no_ioeventfd, msix=not args.no_msix,
+        ioeventfd=not args.no_ioeventfd, msix=not args.no_msix, acpi=args.acpi == "on",
     )
     config = apply_file(config, args, explicit_options(getattr(args, "argv", [])))
     if config.kernel is None and config.firmware is None:
@@ -189,8 +197,8 @@ def use_default_guest(config: "VmConfig") -> None:
     try:
         assets = load_manifest(flavour)
     except PyhvError as e:
-        raise GuestImageError(f"nothing to boot: no --kernel or --firmware, and the default Debian guest is not "
-                              f"built yet", f"run `pyhv guest build` first ({e.hint or e})") from None
+        raise GuestImageError("nothing to boot: no --kernel or --firmware, and the default Debian guest is not "
+                              "built yet", f"run `pyhv guest build` first ({e.hint or e})") from None
     config.kernel = str(assets.bzimage)        # the 64-bit boot protocol: it carries an RNG seed, PVH does not
     config.initrd = str(assets.initramfs_uncompressed)
     logging.getLogger("pyhv").info("booting the default guest: %s kernel %s", flavour, assets.kernel_release)

@@ -8,7 +8,7 @@ pyhv reads the part of libvirt's format that it can honour:
       <os> <type arch='x86_64' machine='pc|microvm'>hvm</type> <loader type='rom'>  <kernel> <initrd>
            <cmdline> <boot dev='hd'/> </os>
       <memoryBacking> <source type='memfd'/> <access mode='shared'/> </memoryBacking>
-      <cpu mode='host-passthrough|host-model'/>   <features> <apic/> <pae/> </features>   <clock offset='utc'/>
+      <cpu mode='host-passthrough|host-model'/>   <features> <acpi/> <apic/> <pae/> </features>   <clock offset='utc'/>
       <on_poweroff>destroy</on_poweroff> <on_reboot>restart|destroy</on_reboot> <on_crash>destroy</on_crash>
       <devices>
         <disk type='file' device='disk'> <driver name='qemu' type='raw' cache= queues=/> <source file=/>
@@ -263,6 +263,7 @@ def _features(r: _Reader, root: ET.Element, config: VmConfig) -> None:
         r.attr(cpu, "migratable")
         config.cpu_model = "host" if mode == "host-passthrough" else "auto"
     features = r.child(root, "features")
+    config.acpi = features is not None and bool(r.children(features, "acpi"))   # libvirt: no <acpi/>, no ACPI
     if features is not None:
         for tag in ("apic", "pae"):               # always there on a pyhv machine
             r.children(features, tag)
@@ -386,7 +387,10 @@ def config_to_domain_xml(config: VmConfig) -> str:
     for tag, value in (("kernel", config.kernel), ("initrd", config.initrd), ("cmdline", config.append)):
         if value:
             lines.append(f"    {el(tag, value)}")
-    lines += ["  </os>", "  <on_poweroff>destroy</on_poweroff>",
+    lines.append("  </os>")
+    if config.acpi:
+        lines += ["  <features>", "    <acpi/>", "  </features>"]
+    lines += ["  <on_poweroff>destroy</on_poweroff>",
               f"  <on_reboot>{'restart' if config.on_reset == 'restart' else 'destroy'}</on_reboot>",
               "  <devices>"]
     for i, drive in enumerate(config.drives):

@@ -1,7 +1,9 @@
 """The power-management function of an Intel 82371AB (PIIX4), 00:01.3, as QEMU's i440FX board has it: the ACPI
 PM I/O block (PM1 status/enable/control, the 24-bit PM timer at 3.579545 MHz) at the base the firmware writes to
 PMBASE, and the SMBus base register. SeaBIOS programs PMBASE, enables the block (PMREGMISC) and may use the PM
-timer as its clock; a guest powers off by writing SLP_EN with SLP_TYP 0 (S5, as QEMU) to PM1_CNT.
+timer as its clock; a guest powers off by writing SLP_EN with SLP_TYP 0 (S5, as QEMU) to PM1_CNT. The host's
+power-button press sets PWRBTN_STS in PM1_STS; while a status bit is set whose enable bit is too, the SCI
+(ISA IRQ 9, level, as the FADT and MADT say) is asserted, until the OS writes the status bit back to clear it.
 
 There is no SMM here: DEVACTB reports the APMC SMI enable as already set, which tells SeaBIOS that SMM was
 initialised, so it never raises an SMI.
@@ -13,6 +15,7 @@ import time
 from dataclasses import dataclass
 from typing import Callable
 
+from pyhv.devices.irq import IrqLine
 from pyhv.devices.pci.constants import PCI_CLASS_BRIDGE_OTHER, PCI_VENDOR_ID_INTEL
 from pyhv.devices.pci.device import PciDevice
 from pyhv.devices.registers import Register, RegisterBank
@@ -34,7 +37,11 @@ PM1_CNT_SCI_EN = 1 << 0
 PM1_CNT_SLP_TYP_SHIFT = 10
 PM1_CNT_SLP_EN = 1 << 13
 PM1_STS_TMR = 1 << 0
+PM1_STS_PWRBTN = 1 << 8
 PM1_STS_WAK = 1 << 15
+PM1_STS_W1C = 0x8D31
+PM1_EN_WRITABLE = 0x0521            # TMR_EN, GBL_EN, PWRBTN_EN, RTC_EN
+SCI_IRQ = 9
 SLP_TYP_S5 = 0
 
 
@@ -56,8 +63,8 @@ class Piix4Pm(PciDevice):
     INTERRUPT_PIN = 1
 
     REGISTERS = (
-        Register(0x00, "pm1_sts", width=2, writable=0, w1c=0x8D31),
-        Register(0x02, "pm1_en", width=2, writable=0x0521),
+        Register(0x00, "pm1_sts", width=2, read="_read_pm1_sts", write="_write_pm1_sts"),
+        Register(0x02, "pm1_en", width=2, read="_read_pm1_en", write="_write_pm1_en"),
         Register(0x04, "pm1_cnt", width=2, write="_write_pm1_cnt", read="_read_pm1_cnt"),
         Register(0x08, "pm_tmr", width=4, read="_read_timer", write="_ignore"),
         Register(0x0C, "gpe0_sts", width=2, writable=0, w1c=0xFFFF),
@@ -66,15 +73,16 @@ class Piix4Pm(PciDevice):
     )
 
     def __init__(self, name: str, system_io: MemoryRegion, on_poweroff: Callable[[], None] | None = None,
-                 clock: Callable[[], int] = time.monotonic_ns) -> None:
+                 clock: Callable[[], int] = time.monotonic_ns, sci: IrqLine | None = None) -> None:
         super().__init__(name)
         self.system_io = system_io
         self.on_poweroff = on_poweroff
+        self.sci = sci
         self.clock = clock
         self.pm = PmState()
         self.bank = RegisterBank(self, self.REGISTERS, self.pm, name=f"{name}.pmio")
-        self.pm_region = MemoryRegion.io(f"{name}-pmio", PM_IO_SIZE, self.bank.read, self.bank.write, owner=name)
-        self.pm_region.describe = self.bank.register_name
+        # locked: the QMP thread's power-button press and the vCPUs' accesses both change PM1_STS
+        self.pm_region = self.bank.region(PM_IO_SIZE, f"{name}-pmio", lock=self.lock, owner=name)
         self.pm_region.enabled = False
         self._pm_base = 0
         system_io.add_subregion(0, self.pm_region, -1)
@@ -111,6 +119,31 @@ class Piix4Pm(PciDevice):
     def _ignore(self, value: int) -> None:
         pass
 
+    # --- PM1 events and the SCI ------------------------------------------------------------------------------------
+    def press_power_button(self) -> None:
+        """The host's power-button press (QMP system_powerdown): PWRBTN_STS, and the SCI if the OS enabled it."""
+        with self.lock:
+            self.pm.pm1_sts |= PM1_STS_PWRBTN
+            self._update_sci()
+
+    def _read_pm1_sts(self) -> int:
+        return self.pm.pm1_sts
+
+    def _write_pm1_sts(self, value: int) -> None:
+        self.pm.pm1_sts &= ~(value & PM1_STS_W1C) & 0xFFFF
+        self._update_sci()
+
+    def _read_pm1_en(self) -> int:
+        return self.pm.pm1_en
+
+    def _write_pm1_en(self, value: int) -> None:
+        self.pm.pm1_en = value & PM1_EN_WRITABLE
+        self._update_sci()
+
+    def _update_sci(self) -> None:
+        if self.sci is not None:
+            self.sci.set_level(bool(self.pm.pm1_sts & self.pm.pm1_en & PM1_EN_WRITABLE))
+
     def _read_pm1_cnt(self) -> int:
         return self.pm.pm1_cnt
 
@@ -126,4 +159,11 @@ class Piix4Pm(PciDevice):
     def reset(self) -> None:
         super().reset()
         self.bank.reset()
+        self.pm.pm1_sts = self.pm.pm1_en = 0
+        self._update_sci()
         self._map_pm()
+
+    def enable_pm_io(self, base: int) -> None:
+        """What firmware does before a directly booted kernel runs: PMBASE = `base`, the PM I/O block on."""
+        self.config_write(PIIX_PMBASE, 4, base | 1)
+        self.config_write(PIIX_PMREGMISC, 1, PIIX_PMREGMISC_PMIOSE)

@@ -2,7 +2,10 @@
 `Machine` and the device factories use:
 
     board.add_device(spec)          a registry device behind this board's transport (virtio-pci, virtio-mmio)
-    board.kernel_cmdline()          options a directly booted kernel needs to find the board's devices
+    board.kernel_cmdline(acpi)      options a directly booted kernel needs to find the board's devices
+    board.acpi_config()             the board as its ACPI tables describe it (None: it has none to offer)
+    board.press_power_button()      the host's power-button press (False: the board has no button)
+    board.prepare_direct_boot()     what firmware would have set up, before a directly booted kernel runs
     board.vhost_memory_regions()    guest RAM as vhost-user regions, for vhost-user front ends
     board.ioeventfd(...)            a transport's KVM ioeventfd (`IoEventFdSink`)
     board.bus                       the PCI bus, or None
@@ -19,6 +22,7 @@ from pyhv.devices.device_type import DeviceSpec
 from pyhv.kvm.system import IoEventFd
 
 if TYPE_CHECKING:
+    from pyhv.arch.x86.acpi.builder import AcpiConfig
     from pyhv.machine.machine import Machine
 
 
@@ -38,8 +42,19 @@ class Board:
             if spec.transport == transport:
                 self.add_device(spec)
 
-    def kernel_cmdline(self) -> list[str]:
+    def kernel_cmdline(self, acpi: bool) -> list[str]:
+        """What a directly booted kernel needs on its command line to find the board's devices (with `acpi`,
+        the tables describe them instead)."""
         return []
+
+    def acpi_config(self) -> "AcpiConfig | None":
+        return None
+
+    def press_power_button(self) -> bool:
+        return False
+
+    def prepare_direct_boot(self) -> None:
+        """Set up what firmware would before a directly booted kernel runs (called at power-on and every reset)."""
 
     def vhost_memory_regions(self) -> list[tuple[int, int, int, int, int]]:
         """Guest RAM as vhost-user regions (gpa, size, user address, offset in the memfd, memfd)."""

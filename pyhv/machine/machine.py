@@ -12,7 +12,6 @@ debug-exit 0xf4; the PIC, PIT (0x40-0x43, 0x61) and IOAPIC are KVM's in-kernel m
 from __future__ import annotations
 
 import logging
-import os
 import sys
 import threading
 import time
@@ -22,7 +21,7 @@ from pyhv.arch.x86 import cpu_dump
 from pyhv.arch.x86.cpuid import processor_signature, vcpu_cpuid
 from pyhv.arch.x86.emulate import InstructionCompleter, UnsupportedInstruction
 from pyhv.arch.x86.firmware import map_firmware
-from pyhv.arch.x86.linux_boot import LinuxBoot
+from pyhv.arch.x86.linux_boot import AcpiBlob, LinuxBoot
 from pyhv.arch.x86.pvm import nested_safe_cpuid, pvm_cmdline
 from pyhv.arch.x86.pvm_syscall import SyscallRepair
 from pyhv.arch.x86.reset import reset_state
@@ -38,7 +37,7 @@ from pyhv.devices.i8042 import I8042
 from pyhv.devices.irq import CallbackIrqLine
 from pyhv.devices.post_code import PostCode
 from pyhv.devices.uart16550 import Uart16550
-from pyhv.errors import ConfigError, GuestImageError
+from pyhv.errors import ConfigError
 from pyhv.runtime.iothread import IoThread
 from pyhv.kvm import Kvm
 from pyhv.kvm import constants as C
@@ -46,10 +45,9 @@ from pyhv.memory import AddressSpace, GuestMemory, MemoryRegion, RamBlock, memor
 from pyhv.memory.kvm_slots import KvmMemslots
 from pyhv.stats import ExitStats
 from pyhv.machine.board import Board
-from pyhv.machine.microvm import MicrovmBoard
-from pyhv.machine.pc import PcBoard
 from pyhv.machine.vcpu import VcpuThread, install_kick_handler
-from pyhv.arch.x86.layout import BELOW_4G_LIMIT, FOUR_GIB, IDENTITY_MAP_ADDR, TSS_ADDR, VGA_END, VGA_START
+from pyhv.arch.x86.layout import (ACPI_TABLES_ADDR, BELOW_4G_LIMIT, FOUR_GIB, IDENTITY_MAP_ADDR, TSS_ADDR, VGA_END,
+                                  VGA_START)
 
 log = logging.getLogger(__name__)
 
@@ -127,6 +125,7 @@ class Machine:
         """Every vCPU's state at power-on (and after a reset): the reset vector for firmware, the kernel's
         entry for direct Linux boot (with the kernel, initrd and tables written to RAM again)."""
         if self.linux is not None:
+            self.board.prepare_direct_boot()
             self.linux.load(self.guest_memory, self.processor_signature, self.cpu_features)
         for v in self.vcpus:
             if self.linux is not None:
@@ -144,19 +143,47 @@ class Machine:
         config = self.config
         self._build_memory()
         self._build_isa_devices()
-        self.board: Board = PcBoard(self) if config.machine == "pc" else MicrovmBoard(self)
+        self.board: Board = self._board_class(config.machine)(self)
         self.boot_rom: MemoryRegion | None = None
         self.linux: LinuxBoot | None = None
         if config.firmware:
             with open(config.firmware, "rb") as f:
                 self.boot_rom = map_firmware(self.system_memory, f.read())
         elif config.kernel:
-            cmdline = " ".join([self._kernel_cmdline(tsc_khz), *self.board.kernel_cmdline()])
+            acpi = self._acpi_tables() if config.acpi else None
+            cmdline = " ".join([self._kernel_cmdline(tsc_khz), *self.board.kernel_cmdline(acpi is not None)])
             self.linux = LinuxBoot.prepare(config.kernel, config.initrd, cmdline, self.below_4g, self.above_4g,
-                                           config.cpus, config.boot_entry)
+                                           config.cpus, config.boot_entry, acpi)
             log.info("booting %s", self.linux.describe())
         else:
             raise ConfigError("nothing to boot", "give --kernel FILE or --firmware FILE")
+
+    @staticmethod
+    def _board_class(machine: str) -> type[Board]:
+        # imported here: a VM loads only its own board's devices (start-up time is one of pyhv's figures)
+        if machine == "pc":
+            from pyhv.machine.pc import PcBoard
+            return PcBoard
+        from pyhv.machine.microvm import MicrovmBoard
+        return MicrovmBoard
+
+    def _acpi_tables(self) -> AcpiBlob | None:
+        """The board's ACPI tables for guest RAM at ACPI_TABLES_ADDR (direct boot), or None if it has none."""
+        acpi_config = self.board.acpi_config()
+        if acpi_config is None:
+            log.info("%s: no ACPI tables for a directly booted kernel; the MP table describes the CPUs",
+                     self.config.machine)
+            return None
+        from pyhv.arch.x86.acpi.builder import build_tables, layout_in_memory
+        start = time.perf_counter()
+        try:
+            data, rsdp, where = layout_in_memory(build_tables(acpi_config), ACPI_TABLES_ADDR)
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
+        blob = AcpiBlob(data, rsdp)
+        log.info("ACPI: %d bytes of tables at %#x (%s), built in %.2f ms", len(data), ACPI_TABLES_ADDR,
+                 ", ".join(f"{name} {addr:#x}" for name, addr in where.items()), (time.perf_counter() - start) * 1e3)
+        return blob
 
     def _build_memory(self) -> None:
         cfg = self.config
@@ -444,6 +471,14 @@ class Machine:
         for v in self.vcpus:
             v.resume()
         self.state = "running"
+
+    def powerdown(self) -> bool:
+        """Press the board's ACPI power button (QMP system_powerdown); the guest decides what to do. False when
+        the machine has no button (--acpi off)."""
+        pressed = self.board.press_power_button()
+        if not pressed:
+            log.warning("system_powerdown: this machine has no ACPI power button (--acpi off); nothing pressed")
+        return pressed
 
     def reset(self) -> None:
         """System reset: devices, interrupt controllers and vCPUs to their power-on state; RAM is kept."""

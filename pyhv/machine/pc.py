@@ -5,7 +5,10 @@ unmodified firmware takes it for an i440FX PC (QEMU's `-M pc`):
     00:01.0  PIIX3 ISA bridge (PIRQ A-D routing to ISA IRQs; ELCR in KVM's 8259s)
     00:01.3  PIIX4 ACPI PM (PM timer, PM1 control: power off)
     00:02.0+ virtio devices (one slot each), INTx through PIRQ (slot - 1 + pin - 1) % 4, or MSI-X
-    fw_cfg   ports 0x510/0x511 and DMA 0x514: signature, RAM size, e820, CPUs, boot order, files
+    fw_cfg   ports 0x510/0x511 and DMA 0x514: signature, RAM size, e820, CPUs, boot order, files, and pyhv's
+             ACPI tables as QEMU gives them (etc/acpi/rsdp, etc/acpi/tables, etc/table-loader), which the
+             firmware installs itself: FADT with the PIIX4 PM block at FIRMWARE_PM_BASE, MADT, DSDT with
+             \\_SB.PCI0 (_CRS windows, _PRT as PIIX3 routes), COM1, the i8042 and the RTC
 
 SeaBIOS assigns BARs in the PCI hole (from 0xC0000000 here, up to the IOAPIC) and I/O BARs from 0xC000.
 """
@@ -21,11 +24,11 @@ from pyhv.devices.fw_cfg import (
     E820_RAM, E820_RESERVED, FW_CFG_BOOT_MENU, FW_CFG_MAX_CPUS, FW_CFG_NB_CPUS, FW_CFG_NOGRAPHIC, FW_CFG_RAM_SIZE,
     FW_CFG_UUID, FwCfg, e820_table, pci_boot_path,
 )
-from pyhv.devices.i440fx import I440fx
+from pyhv.devices.i440fx import I440FX_PAM0, I440fx
 from pyhv.devices.pci.bus import PciBus, PciHostPorts
 from pyhv.devices.pci.device import PciDevice
-from pyhv.devices.piix3 import Piix3
-from pyhv.devices.piix4_pm import Piix4Pm
+from pyhv.devices.piix3 import PIIX_PIRQRC, Piix3
+from pyhv.devices.piix4_pm import SCI_IRQ, Piix4Pm
 from pyhv.devices.port92 import Port92
 from pyhv.machine.board import Board
 from pyhv.machine.irq_routing import GsiRouter
@@ -33,6 +36,7 @@ from pyhv.virtio.device import VIRTIO_ID_BLOCK
 from pyhv.arch.x86.layout import FOUR_GIB, KVM_RESERVED_SIZE, KVM_RESERVED_START
 
 if TYPE_CHECKING:
+    from pyhv.arch.x86.acpi.builder import AcpiConfig
     from pyhv.machine.machine import Machine
 
 log = logging.getLogger(__name__)
@@ -41,6 +45,9 @@ PIIX3_SLOT = 1
 PIIX4_PM_FUNCTION = 3
 FIRST_DEVICE_SLOT = 2
 KVM_PIC_STATE_ELCR = 14                 # offset of elcr in struct kvm_pic_state
+LINK_GSIS = (10, 10, 11, 11)            # ISA IRQs of PIRQA-D: what SeaBIOS programs, and pyhv before a direct boot
+FIRMWARE_PM_BASE = 0x600                # PIIX4 PMBASE when the ACPI tables come from fw_cfg: SeaBIOS "moves pm_base
+                                        # to 0x600" then (with tables of its own it uses 0xb000), as QEMU expects
 
 
 class PcBoard(Board):
@@ -55,7 +62,8 @@ class PcBoard(Board):
         self.bus.plug(self.piix3, PIIX3_SLOT, 0)
         self.bus.pirq_sink = self.piix3
         self.pm = Piix4Pm("piix4-pm", machine.system_io,
-                          on_poweroff=lambda: machine.shutdown(0, "guest powered off (ACPI S5)"))
+                          on_poweroff=lambda: machine.shutdown(0, "guest powered off (ACPI S5)"),
+                          sci=machine.irq_line(SCI_IRQ))
         self.bus.plug(self.pm, PIIX3_SLOT, PIIX4_PM_FUNCTION)
 
         self.fw_cfg = machine.attach(FwCfg("fw_cfg", machine.guest_memory))
@@ -118,6 +126,46 @@ class PcBoard(Board):
         fw.add_file("etc/smbios/smbios-anchor", anchor)
         fw.add_file("etc/smbios/smbios-tables", tables)
         self._write_bootorder()
+        if cfg.acpi and cfg.firmware:
+            self._add_acpi_files()
+
+    # --- ACPI ----------------------------------------------------------------------------------------------------
+    def _acpi(self) -> "AcpiConfig":
+        from pyhv.arch.x86.acpi.builder import AcpiConfig, PciHostConfig
+        return AcpiConfig(machine="pc", vcpus=self.machine.config.cpus,
+                          pci=PciHostConfig(link_gsis=LINK_GSIS), pm_base=FIRMWARE_PM_BASE, sci_int=SCI_IRQ,
+                          serial_ports=[(0x3F8, 4)])
+
+    def acpi_config(self) -> "AcpiConfig | None":
+        """The tables for a directly booted kernel (in RAM); `prepare_direct_boot` sets the board up as they say."""
+        return self._acpi() if self.machine.config.acpi else None
+
+    def prepare_direct_boot(self) -> None:
+        """What the firmware would have done before the kernel runs (again after every reset): the PIIX4 PM block
+        at FIRMWARE_PM_BASE, PIRQA-D routed to LINK_GSIS (what the DSDT's _PRT says), and RAM (PAM read/write)
+        at 0xE0000-0xFFFFF, where the ACPI tables are."""
+        if not self.machine.config.acpi:
+            return
+        self.pm.enable_pm_io(FIRMWARE_PM_BASE)
+        for register in (I440FX_PAM0, I440FX_PAM0 + 5, I440FX_PAM0 + 6):   # 0xE0000-0xFFFFF: RAM, for the tables
+            self.i440fx.config_write(register, 1, 0x33 if register != I440FX_PAM0 else 0x30)
+        for pirq, irq in enumerate(LINK_GSIS):
+            self.piix3.config_write(PIIX_PIRQRC + pirq, 1, irq)
+
+    def press_power_button(self) -> bool:
+        self.pm.press_power_button()
+        return True
+
+    def _add_acpi_files(self) -> None:
+        """pyhv's ACPI tables for the firmware to install (QEMU's linker/loader files); without them SeaBIOS
+        writes tables of its own."""
+        from pyhv.arch.x86.acpi.builder import build_tables
+        from pyhv.arch.x86.acpi.table_loader import fw_cfg_files
+
+        files = fw_cfg_files(build_tables(self._acpi()))
+        for name, data in files.items():
+            self.fw_cfg.add_file(name, data)
+        log.info("ACPI: %s for the firmware (%d bytes)", ", ".join(files), sum(map(len, files.values())))
 
     # --- helpers ------------------------------------------------------------------------------------------------
     def _isa_bios_read(self, addr: int, size: int) -> int:

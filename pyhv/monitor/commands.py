@@ -146,9 +146,7 @@ def system_powerdown(server: "QmpServer") -> dict:
     """Ask the guest to power off: the machine presses its power button if it has one (ACPI); either way the
     POWERDOWN event says the request was made, and the guest decides."""
     server.broadcast("POWERDOWN")
-    powerdown = getattr(server.machine, "powerdown", None)
-    if powerdown is not None:
-        powerdown()
+    server.machine.powerdown()
     return {}
 
 
@@ -249,6 +247,27 @@ def query_pci(server: "QmpServer") -> list:
         info = _pci_info(item)
         buses.setdefault(info["bus"], []).append(info)
     return [{"bus": bus, "devices": devices} for bus, devices in sorted(buses.items())]
+
+
+PMEMSAVE_MAX = 1 << 30
+
+
+@command("pmemsave", val=(int, True), size=(int, True), filename=(str, True))
+def pmemsave(server: "QmpServer", val: int, size: int, filename: str) -> dict:
+    """QEMU's pmemsave: `size` bytes of guest-physical memory from `val` into `filename` (RAM only)."""
+    from pyhv.memory.guest import GuestMemoryError
+    if val < 0 or not 0 < size <= PMEMSAVE_MAX:
+        raise QmpCommandError(f"pmemsave: bad range {val:#x}+{size:#x} (at most {PMEMSAVE_MAX:#x} bytes)")
+    try:
+        data = server.machine.guest_memory.read(val, size)
+    except GuestMemoryError as e:
+        raise QmpCommandError(f"pmemsave: {e}") from None
+    try:
+        with open(filename, "wb") as f:
+            f.write(data)
+    except OSError as e:
+        raise QmpCommandError(f"pmemsave: {filename}: {e.strerror}") from None
+    return {}
 
 
 @command("query-exit-stats")

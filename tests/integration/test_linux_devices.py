@@ -1,5 +1,5 @@
 """Linux's own drivers against pyhv's devices: the project's small kernel, booted by pyhv on `--machine pc`
-(virtio-pci: MSI-X through irqfd) and on `microvm` (virtio-mmio slots announced on the command line, an irqfd on
+(virtio-pci: MSI-X through irqfd) and on `microvm` (virtio-mmio slots declared in pyhv's ACPI DSDT, an irqfd on
 each slot's GSI), notifications through ioeventfd on both, binds virtio_blk, virtio_net, virtio_rng and
 virtio_console and moves data through them; the host checks what arrived. The guest commands go through files rather
 than pipelines: on PVM hosts a program exec'd while others are runnable intermittently dies of SIGSEGV
@@ -82,7 +82,7 @@ def test_virtio_blk_driver_reads_writes_and_respects_read_only(linux_guest, tmp_
         assert "/pci" in got["path"]
         assert int(got["msi"]) >= 2                         # config and request vectors of MSI-X, per disk
     else:
-        assert "virtio-mmio" in got["path"] and got["msi"] == "0"
+        assert "LNRO0005" in got["path"] and got["msi"] == "0"       # a virtio-mmio device the DSDT declares
         assert got["ioapic"] == "2"                         # one slot GSI per disk
 
 
@@ -163,6 +163,7 @@ def test_virtio_console_is_hvc0_both_ways(linux_guest, tmp_path, machine):
     status, out = boot_on(machine, linux_guest, "; ".join([
         "echo driver=$(basename $(readlink /sys/class/tty/hvc0/device/driver 2>/dev/null || "
         "readlink /sys/bus/virtio/drivers/virtio_console/virtio*/driver))",
+        "for d in /sys/bus/pci/devices/*; do [ $(cat $d/device) = 0x1043 ] && echo class=$(cat $d/class); done",
         "exec 3<>/dev/hvc0",              # open once: a tty's last close drops input not read yet
         "echo hello-hvc >&3",
         "read -r line <&3; echo got=$line",
@@ -171,5 +172,7 @@ def test_virtio_console_is_hvc0_both_ways(linux_guest, tmp_path, machine):
     assert status == debug_exit_status(0), out[-3000:]
     got = values(out)
     assert got["driver"] == "virtio_console"
+    if machine == "pc":
+        assert got["class"] == "0x078000"      # communication controller, as QEMU's virtio-serial-pci
     assert got["got"] == "ping-from-host"
     assert b"hello-hvc" in seen

@@ -66,9 +66,9 @@ def test_two_cpus(linux_guest):
 
 
 def test_stock_debian_kernel_milestones(stock_guest):
-    """The unmodified Debian kernel: version banner, our e820 map entry by entry, our command line, and past the
-    int3 self-test (which pyhv completes when KVM's emulator fails on it, as on PVM hosts), in bounded time. On
-    hardware KVM it boots to /init and runs a command."""
+    """The unmodified Debian kernel: version banner, our e820 map entry by entry, our command line, our ACPI tables
+    (the MADT for the CPUs), and past the int3 self-test (which pyhv completes when KVM's emulator fails on it, as
+    on PVM hosts), in bounded time. On hardware KVM it boots to /init and runs a command."""
     import selectors
 
     from pyhv.kvm import detect_flavour
@@ -107,6 +107,9 @@ def test_stock_debian_kernel_milestones(stock_guest):
                     ("0x000000000009f000", "0x00000000000fffff", "reserved"),
                     ("0x0000000000100000", "0x0000000007ffffff", "usable")]
     assert re.search(r"Command line: console=ttyS0 earlyprintk=serial reboot=k panic=-1 pyhv.cmd=true", text)
+    for table in ("RSDP", "XSDT", "FACP", "APIC", "DSDT"):     # pyhv's ACPI tables, found through boot_params
+        assert re.search(rf"ACPI: {table} 0x00000000000E.*PYHV", text), text[-2000:]
+    assert "ACPI: Using ACPI (MADT) for SMP configuration information" in text
     if pvm:
         assert int3_done is not None, "the int3 self-test was not reached: " + text[-1500:]
         print(f"stock kernel on PVM: int3 self-test completed by pyhv after {int3_done:.1f} s")

@@ -115,3 +115,64 @@ def test_seabios_boots_grub_which_reads_a_file_from_ext2(pyhv_run, tmp_path, var
     assert grubdisk.HELLO.strip() in r.stdout
     if variant != "two-drives":
         check_variant(variant, r, stats)
+
+
+def installed_acpi(vm, tmp_path, timeout: float = BOOT_TIMEOUT) -> dict[str, bytes]:
+    """The ACPI tables the firmware installed, read back from guest RAM with QMP pmemsave: {signature: table}."""
+    import struct
+    import time
+    dump = tmp_path / "mem.bin"
+
+    def read(addr: int, size: int) -> bytes:
+        vm.qmp("pmemsave", val=addr, size=size, filename=str(dump))
+        return dump.read_bytes()
+
+    deadline = time.monotonic() + timeout
+    while True:
+        fseg = read(0xE0000, 0x20000)
+        at = next((i for i in range(0, len(fseg), 16) if fseg[i:i + 8] == b"RSD PTR "), None)
+        if at is not None or time.monotonic() > deadline:
+            break
+        time.sleep(0.5)
+    assert at is not None, "no RSDP in 0xE0000-0xFFFFF"
+    rsdp = fseg[at:at + 36]
+    tables = {"RSDP": rsdp}
+    rsdt = struct.unpack_from("<I", rsdp, 16)[0]
+    header = read(rsdt, 36)
+    body = read(rsdt, struct.unpack_from("<I", header, 4)[0])
+    for (addr,) in struct.iter_unpack("<I", body[36:]):
+        length = struct.unpack_from("<I", read(addr, 8), 4)[0]
+        table = read(addr, length)
+        tables[table[:4].decode()] = table
+        if table[:4] == b"FACP":
+            dsdt = struct.unpack_from("<I", table, 40)[0]
+            tables["DSDT"] = read(dsdt, struct.unpack_from("<I", read(dsdt, 8), 4)[0])
+    return tables
+
+
+@pytest.mark.parametrize("acpi", [True, False])
+def test_seabios_installs_pyhvs_acpi_tables_from_fw_cfg(tmp_path, acpi):
+    """SeaBIOS runs pyhv's etc/table-loader (ALLOCATE, ADD_POINTER, ADD_CHECKSUM) and installs pyhv's tables: the
+    RSDP it puts in the F segment leads to pyhv's RSDT, FADT (PM block where SeaBIOS moved PMBASE), MADT and DSDT
+    with \\_SB.PCI0, every table with a valid checksum. With --acpi off SeaBIOS writes its own (OEM "BOCHS")."""
+    import pyhv
+    with pyhv.VM(firmware=BIOS, machine="pc", memory="128M", cpus=2, acpi=acpi) as vm:   # no disk: SeaBIOS waits
+        tables = installed_acpi(vm, tmp_path)
+    for name, table in tables.items():
+        size = 20 if name == "RSDP" else len(table)
+        assert sum(table[:size]) % 256 == 0, f"{name} checksum"
+    oem = tables["RSDP"][9:15]
+    if not acpi:
+        assert oem == b"BOCHS "
+        return
+    assert oem == b"PYHV  " and {"FACP", "APIC", "DSDT"} <= set(tables)
+    assert all(t[10:16] == b"PYHV  " for name, t in tables.items() if name != "RSDP")
+    import struct
+    pm1a_evt = struct.unpack_from("<I", tables["FACP"], 56)[0]
+    assert pm1a_evt == 0x600                      # where SeaBIOS moved PMBASE ("Moving pm_base to 0x600")
+    assert b"PCI0" in tables["DSDT"] and b"_PRT" in tables["DSDT"]
+    madt, entries, at = tables["APIC"], [], 44
+    while at < len(madt):
+        entries.append(madt[at])
+        at += madt[at + 1]
+    assert entries.count(0) == 2 and entries.count(1) == 1    # a local APIC per vCPU, one I/O APIC

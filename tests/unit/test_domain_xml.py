@@ -82,7 +82,7 @@ def expected_full(f: dict) -> VmConfig:
                     append="console=ttyS0 root=/dev/vda rw", serial=ChardevSpec("pty"), on_reset="restart",
                     drives=[DriveConfig(f["disk0.img"], cache="none", num_queues=2, serial="disk-zero"),
                             DriveConfig(f["disk1.img"], readonly=True)],
-                    nets=[NetConfig("tap-pyhv0", "52:54:00:12:34:56")])
+                    nets=[NetConfig("tap-pyhv0", "52:54:00:12:34:56")], acpi=False)   # no <features><acpi/>
 
 
 def args_to_config(args: list[str]) -> VmConfig:
@@ -141,8 +141,20 @@ def test_options_given_with_domain_override_the_file(domain_file, files):
     assert config.memory == 256 * MiB            # not given: the file's value stays
 
 
+def test_features_acpi_turns_acpi_on_as_in_libvirt(domain_file, files):
+    """libvirt: ACPI only with <features><acpi/>; pyhv writes it back, and `pyhv run --acpi` follows."""
+    dom = domain_file(full_xml(files, extra="<features><acpi/><apic/></features>"))
+    config, warnings = parse_domain_xml(dom.path.read_text(), "vm.xml")
+    assert warnings == [] and config.acpi is True
+    again, _ = parse_domain_xml(config_to_domain_xml(config), "again.xml")
+    assert again.acpi is True
+    config.acpi = False
+    assert "<acpi/>" not in config_to_domain_xml(config)
+    assert args_to_config(["--domain", str(dom.path), "--acpi", "off"]).acpi is False
+
+
 UNSUPPORTED = [
-    ("<features><acpi/><apic/></features>", "/domain/features/acpi"),
+    ("<features><hap/><apic/></features>", "/domain/features/hap"),
     ("<clock offset='localtime'/>", "/domain/clock"),
     ("<on_crash>destroy</on_crash><pm><suspend-to-mem enabled='no'/></pm>", "/domain/pm"),
     ("<cputune><shares>1024</shares></cputune>", "/domain/cputune"),
@@ -212,7 +224,7 @@ def test_current_memory_below_memory_is_a_warning(domain_file, files):
     ([("<target dev='vdb' bus='virtio'/>", "<target dev='hdb' bus='virtio'/>")],
      "/domain/devices/disk[2]/target/@dev: 'hdb' is not a virtio disk name"),
     ([("<disk type='file' device='disk'>", "<disk type='block' device='disk'>"),
-      (f"<source file=", "<source dev=")], "/domain/devices/disk[1]/@type: 'block' is not supported"),
+      ("<source file=", "<source dev=")], "/domain/devices/disk[1]/@type: 'block' is not supported"),
 ])
 def test_values_pyhv_cannot_honour_name_the_element(domain_file, files, changes, message):
     text = full_xml(files)

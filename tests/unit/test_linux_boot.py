@@ -236,3 +236,43 @@ def test_pvm_command_line_keeps_user_choices_and_stays_short():
     assert "mitigations=auto" in cmdline and "mitigations=off" not in cmdline
     assert "noxsave" in added and f"clearcpuid={PVM_CLEARCPUID}" in added and "lpj=8000000" in added
     assert len(PVM_CLEARCPUID) < 128          # Linux 6.1 truncates clearcpuid= at 128 bytes
+
+
+class FlatMemory:
+    """Guest RAM as one bytearray, with the one method LinuxBoot.load writes through."""
+    def __init__(self, size: int) -> None:
+        self.data = bytearray(size)
+
+    def write(self, gpa: int, data: bytes) -> None:
+        self.data[gpa:gpa + len(data)] = data
+
+
+@pytest.mark.parametrize("entry", ["pvh", "linux64"])
+def test_acpi_tables_replace_the_mp_table_and_the_kernel_is_told_where_the_rsdp_is(tmp_path, monkeypatch, entry):
+    from pyhv.arch.x86.acpi.builder import AcpiConfig, build_tables, layout_in_memory
+    from pyhv.arch.x86.layout import ACPI_TABLES_ADDR, MP_FLOATING_ADDR, START_INFO_ADDR, ZERO_PAGE_ADDR
+    from pyhv.arch.x86.linux_boot import AcpiBlob
+
+    monkeypatch.setenv("PYHV_CACHE", str(tmp_path / "cache"))
+    path = tmp_path / ("vmlinux" if entry == "pvh" else "bzImage")
+    path.write_bytes(ELF if entry == "pvh" else make_bzimage(gzip.compress(ELF)))
+    blob, rsdp, _ = layout_in_memory(build_tables(AcpiConfig(machine="microvm", vcpus=2, ged=(0xFEA00000, 9))),
+                                     ACPI_TABLES_ADDR)
+    for acpi in (None, AcpiBlob(blob, rsdp)):
+        boot = LinuxBoot.prepare(str(path), None, "console=ttyS0", 64 << 20, 0, 2, entry=entry, acpi=acpi)
+        mem = FlatMemory(64 << 20)
+        boot.load(mem, 0x00A20F10, 0x178BFBFF)
+        told = (struct.unpack_from("<Q", mem.data, START_INFO_ADDR + 32)[0] if entry == "pvh"
+                else struct.unpack_from("<Q", mem.data, ZERO_PAGE_ADDR + bp.BP_ACPI_RSDP_ADDR)[0])
+        if acpi is None:
+            assert told == 0 and mem.data[MP_FLOATING_ADDR:MP_FLOATING_ADDR + 4] == b"_MP_"
+        else:
+            assert told == rsdp and mem.data[rsdp:rsdp + 8] == b"RSD PTR "
+            assert mem.data[ACPI_TABLES_ADDR:ACPI_TABLES_ADDR + len(blob)] == blob
+            assert mem.data[MP_FLOATING_ADDR:MP_FLOATING_ADDR + 4] == bytes(4)     # no MP table besides
+
+
+def test_acpi_tables_too_big_for_the_bios_area_are_refused():
+    from pyhv.arch.x86.linux_boot import AcpiBlob
+    with pytest.raises(ConfigError, match="ACPI tables take 131073 bytes"):
+        AcpiBlob(bytes(0x20001), 0xE0000)

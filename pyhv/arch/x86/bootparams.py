@@ -33,6 +33,7 @@ HDR_PAYLOAD_LENGTH = 0x24C
 HDR_PREF_ADDRESS = 0x258
 HDR_INIT_SIZE = 0x260
 
+BP_ACPI_RSDP_ADDR = 0x070             # boot protocol 2.14: where the RSDP is (0: the kernel scans for it)
 BP_EXT_RAMDISK_IMAGE = 0x0C0
 BP_EXT_RAMDISK_SIZE = 0x0C4
 BP_EXT_CMD_LINE_PTR = 0x0C8
@@ -152,7 +153,8 @@ def synthetic_header(cmdline_size: int = 2048, initrd_addr_max: int = 0x7FFFFFFF
 
 
 def build_zero_page(header: bytes, e820: list[E820Entry], cmdline_addr: int, cmdline_len: int,
-                    initrd_addr: int = 0, initrd_size: int = 0, setup_data: int = 0) -> bytearray:
+                    initrd_addr: int = 0, initrd_size: int = 0, setup_data: int = 0,
+                    acpi_rsdp_addr: int = 0) -> bytearray:
     """struct boot_params for the 64-bit boot protocol: the kernel's own setup header, completed by the loader."""
     if len(e820) > E820_MAX_ENTRIES:
         raise ValueError("too many e820 entries")
@@ -169,6 +171,7 @@ def build_zero_page(header: bytes, e820: list[E820Entry], cmdline_addr: int, cmd
     struct.pack_into("<I", zp, HDR_RAMDISK_SIZE, initrd_size & 0xFFFFFFFF)
     struct.pack_into("<I", zp, BP_EXT_RAMDISK_SIZE, initrd_size >> 32)
     struct.pack_into("<Q", zp, HDR_SETUP_DATA, setup_data)
+    struct.pack_into("<Q", zp, BP_ACPI_RSDP_ADDR, acpi_rsdp_addr)
     zp[BP_E820_ENTRIES] = len(e820)
     for i, entry in enumerate(e820):
         struct.pack_into("<QQI", zp, BP_E820_TABLE + 20 * i, entry.addr, entry.size, entry.type)

@@ -10,6 +10,7 @@ read their addresses here.
     0x0002_0000  kernel command line (64 KiB)
     BELOW_4G_LIMIT (3 GiB)  .. 4 GiB: the MMIO hole
         0xD000_0000  virtio-mmio slots (microvm), 4 KiB each
+        0xFEA0_0000  ACPI Generic Event Device (microvm)
         0xFEC0_0000  I/O APIC          0xFEE0_0000  local APICs
         0xFEFF_C000  KVM's identity-map page, then its 3-page TSS
         4 GiB - size  firmware ROM
@@ -35,12 +36,14 @@ MP_FLOATING_ADDR = 0x9FC00
 VGA_START, VGA_END = 0xA0000, 0xC0000
 ISA_BIOS_START = 0xE0000             # the legacy BIOS window; direct boot puts the ACPI tables here
 ACPI_TABLES_ADDR = ISA_BIOS_START
+ACPI_TABLES_END = 0x100000           # the BIOS area's end (e820-reserved with it)
 HIGH_MEMORY_START = 0x100000         # 1 MiB
 
 # the hole below 4 GiB
 BELOW_4G_LIMIT = 0xC0000000          # RAM below the PCI/MMIO hole
 VIRTIO_MMIO_BASE = 0xD0000000        # microvm's virtio-mmio slots
 VIRTIO_MMIO_SLOT_SIZE = 0x1000
+MICROVM_GED_ADDR = 0xFEA00000        # microvm's ACPI Generic Event Device (4 bytes), as QEMU's microvm
 IOAPIC_ADDR = 0xFEC00000
 LAPIC_ADDR = 0xFEE00000
 IDENTITY_MAP_ADDR = 0xFEFFC000       # as QEMU: one page, then the 3-page TSS

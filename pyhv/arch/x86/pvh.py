@@ -14,13 +14,14 @@ MEMMAP_ENTRY_SIZE = 24
 
 
 def build_start_info(address: int, cmdline_addr: int, memmap: list[E820Entry],
-                     initrd: tuple[int, int] | None = None) -> bytes:
-    """hvm_start_info at `address`, then the module list (the initrd) and the memory map."""
+                     initrd: tuple[int, int] | None = None, rsdp_addr: int = 0) -> bytes:
+    """hvm_start_info at `address`, then the module list (the initrd) and the memory map; `rsdp_addr` is where
+    the ACPI RSDP is (0: none given, the kernel scans the BIOS area)."""
     modlist_addr = address + START_INFO_SIZE
     nr_modules = 1 if initrd else 0
     memmap_addr = modlist_addr + MODLIST_ENTRY_SIZE * nr_modules
     info = struct.pack("<IIIIQQQQI4x", XEN_HVM_START_MAGIC_VALUE, HVM_START_INFO_VERSION, 0, nr_modules,
-                       modlist_addr if initrd else 0, cmdline_addr, 0, memmap_addr, len(memmap))
+                       modlist_addr if initrd else 0, cmdline_addr, rsdp_addr, memmap_addr, len(memmap))
     modules = struct.pack("<QQQQ", initrd[0], initrd[1], 0, 0) if initrd else b""
     entries = b"".join(struct.pack("<QQII", e.addr, e.size, e.type, 0) for e in memmap)
     return info + modules + entries
