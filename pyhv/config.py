@@ -11,7 +11,7 @@ from pyhv.devices.options import (  # noqa: F401  (the device options, as config
 )
 from pyhv.devices.device_type import DeviceSpec
 from pyhv.errors import ConfigError, GuestImageError
-from pyhv.registry import DEVICE_TYPES, lookup, parse_device
+from pyhv.registry import lookup, parse_device
 
 KiB, MiB, GiB = 1 << 10, 1 << 20, 1 << 30
 PAGE = 4 * KiB
@@ -43,6 +43,8 @@ def format_size(n: int) -> str:
             return f"{n // scale}{unit}"
     return str(n)
 
+
+NIC_DEVICE_TYPES = {"virtio": "virtio-net", "e1000": "e1000"}     # --nic model= -> registry device type
 
 @dataclass
 class VmConfig:
@@ -119,15 +121,15 @@ class VmConfig:
 
     def device_specs(self) -> list[DeviceSpec]:
         """Every device of this VM from the registry: the --drive disks, the --nic cards, then each --device."""
-        disk, nic = DEVICE_TYPES["virtio-blk"], DEVICE_TYPES["virtio-net"]
         specs = []
-        for what, dtype, items in (("--drive", disk, self.drives), ("--nic", nic, self.nets)):
-            if items:
+        for what, items in (("--drive", self.drives), ("--nic", self.nets)):
+            for item in items:
+                name = "virtio-blk" if what == "--drive" else NIC_DEVICE_TYPES[item.model]
                 try:
-                    transport = lookup(dtype.name, self.machine)[1]
+                    dtype, transport = lookup(name, self.machine)
                 except ConfigError as e:
-                    raise ConfigError(f"{what} needs --machine pc", e.hint) from None
-                specs += [DeviceSpec(dtype, transport, item, f"{what} {item.to_arg()}") for item in items]
+                    raise ConfigError(f"{what} {item.to_arg()} needs --machine pc", e.hint) from None
+                specs.append(DeviceSpec(dtype, transport, item, f"{what} {item.to_arg()}"))
         specs += [parse_device(text, self.machine) for text in self.devices]
         counts: dict[str, int] = {}
         for spec in specs:

@@ -22,6 +22,9 @@ DEVICE_TYPES: dict[str, DeviceType] = {t.name: t for t in (
                transports=VIRTIO, boot_index_base=1000),
     DeviceType("virtio-net", "network card on a host tap: ifname=TAP[,mac=MAC] (also --nic tap,ifname=TAP)",
                "pyhv.virtio.net:VirtioNet.create", options=NetConfig, transports=VIRTIO),
+    DeviceType("e1000", "Intel 82540EM network card (Linux's e1000, iPXE) on a host tap: ifname=TAP[,mac=MAC] "
+               "(also --nic tap,ifname=TAP,model=e1000)", "pyhv.devices.net.e1000:E1000.create", options=NetConfig,
+               transports=(PCI,)),
     DeviceType("virtio-console", "the guest's hvc0 on a host character device: chardev=stdio|file:PATH|"
                "socket:PATH|pty|none", "pyhv.virtio.console:VirtioConsole.create", options=ConsoleOptions,
                transports=VIRTIO),
@@ -69,7 +72,7 @@ def lookup(name: str, machine: str) -> tuple[DeviceType, str]:
         else:
             raise ConfigError(f"unknown device {name!r}", "--device help lists the devices")
     if transport != MACHINE_TRANSPORT[machine]:
-        kind = "virtio-pci" if transport == PCI else "virtio-mmio"
+        kind = "PCI" if transport == PCI else "virtio-mmio"
         other = next(m for m, t in MACHINE_TRANSPORT.items() if t == transport)
         raise ConfigError(f"{name} needs --machine {other}: it is a {kind} device",
                           f"the {machine} machine has {'no PCI bus' if transport == PCI else 'no virtio-mmio slots'}")

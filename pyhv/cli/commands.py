@@ -75,9 +75,9 @@ def _add_run_options(p: argparse.ArgumentParser) -> None:
                          "virtio-mmio on microvm, the PCI root bridge on pc) and a power button (QMP "
                          "system_powerdown); firmware gets them through fw_cfg. off: an MP table (and "
                          "virtio_mmio.device= on the kernel command line); SeaBIOS then writes its own")
-    hw.add_argument("--nic", action="append", default=[], metavar="tap,ifname=NAME[,mac=MAC]",
-                    help="a virtio-net card on tap NAME (created if missing, which needs root); repeat for more "
-                         "cards")
+    hw.add_argument("--nic", action="append", default=[], metavar="tap,ifname=NAME[,mac=MAC][,model=virtio|e1000]",
+                    help="a network card on tap NAME (created if missing, which needs root): virtio-net (default), "
+                         "or an e1000 on pc; repeat for more cards")
     hw.add_argument("--name", default="pyhv", help="the VM's name (default: pyhv)")
     hw.add_argument("--uuid", help="the VM's UUID")
     files = p.add_argument_group("the VM from a file (options given as well override the file's values)")

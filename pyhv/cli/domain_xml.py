@@ -13,7 +13,7 @@ pyhv reads the part of libvirt's format that it can honour:
       <devices>
         <disk type='file' device='disk'> <driver name='qemu' type='raw' cache= queues=/> <source file=/>
               <target dev='vdX' bus='virtio'/> <readonly/> <serial>
-        <interface type='ethernet'> <target dev='TAP'/> <mac address=/> <model type='virtio'/>
+        <interface type='ethernet'> <target dev='TAP'/> <mac address=/> <model type='virtio|e1000'/>
         <serial|console type='pty|file|stdio|unix|null'> <source path=/> <target port='0'/>
 
 Everything else is collected while parsing (each element or attribute that no rule read) and reported in one
@@ -334,7 +334,7 @@ def _interface(r: _Reader, iface: ET.Element) -> NetConfig:
         net.mac = r.attr(mac, "address", required=True)
     model = r.child(iface, "model")
     if model is not None:
-        net.model = r.attr(model, "type", required=True, allowed=("virtio",))
+        net.model = r.attr(model, "type", required=True, allowed=("virtio", "e1000"))
     return net
 
 

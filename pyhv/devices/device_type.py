@@ -83,6 +83,12 @@ class DeviceSpec:
     text: str = ""
     position: int = 0          # among the VM's devices of this type: virtio-blk0, virtio-blk1, ...
 
+    @property
+    def device_name(self) -> str:
+        """Its name in the machine: the type and position (virtio-blk0; e1000-0 when the type ends in a digit)."""
+        sep = "-" if self.type.name[-1].isdigit() else ""
+        return f"{self.type.name}{sep}{self.position}"
+
     def boot_index(self, position: int) -> int | None:
         explicit = getattr(self.options, "bootindex", None)
         if explicit is not None:

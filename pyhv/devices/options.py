@@ -92,12 +92,13 @@ class DriveConfig:
 
 
 _MAC_RE = re.compile(r"^[0-9a-fA-F]{2}(:[0-9a-fA-F]{2}){5}$")
-NET_MODELS = ("virtio",)
+NET_MODELS = ("virtio", "e1000")       # --nic model=: the device type is virtio-net or e1000
 
 
 @dataclass
 class NetConfig:
-    """A network interface: a virtio-net device whose host end is the tap device `tap`."""
+    """A network interface: a virtio-net (or, with model e1000, an Intel 82540EM) device whose host end is the
+    tap device `tap`."""
     tap: str
     mac: str | None = None          # None: pyhv picks one (52:54:00:...)
     model: str = "virtio"
@@ -118,7 +119,7 @@ class NetConfig:
 
     @classmethod
     def parse(cls, text: str) -> "NetConfig":
-        """`--nic tap,ifname=NAME[,mac=MAC][,model=virtio]` (as QEMU's -nic)."""
+        """`--nic tap,ifname=NAME[,mac=MAC][,model=virtio|e1000]` (as QEMU's -nic)."""
         kind, _, rest = text.partition(",")
         if kind != "tap":
             raise ConfigError(f"--nic {text!r}: only tap networking is supported", "write --nic tap,ifname=NAME")
@@ -129,11 +130,11 @@ class NetConfig:
 
     @classmethod
     def from_device_arg(cls, name: str, text: str, arg: str) -> "NetConfig":
-        """`--device virtio-net[-pci],ifname=TAP[,mac=MAC]`."""
+        """`--device virtio-net[-pci],ifname=TAP[,mac=MAC]`, `--device e1000,ifname=TAP[,mac=MAC]`."""
         opts = _parse_options(text, "--device", {"ifname", "mac"})
         if "ifname" not in opts:
             raise ConfigError(f"--device {arg!r}: ifname= is missing", f"write --device {name},ifname=TAP")
-        return cls(opts["ifname"], opts.get("mac"))
+        return cls(opts["ifname"], opts.get("mac"), "e1000" if name == "e1000" else "virtio")
 
     def to_arg(self) -> str:
         return ",".join(["tap", f"ifname={self.tap}"] + ([f"mac={self.mac}"] if self.mac else [])

@@ -58,7 +58,7 @@ class MicrovmBoard(Board):
             raise ConfigError(f"{spec.text}: microvm has {len(MICROVM_GSIS)} virtio-mmio slots, all taken",
                               "use fewer virtio devices, or --machine pc")
         m = self.machine
-        name = f"{spec.type.name}{spec.position}"
+        name = spec.device_name
         backend = spec.type.create(DeviceContext(name, spec.position, m, self), spec.options)
         gsi = MICROVM_GSIS[slot]
         irqfd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)

@@ -74,10 +74,14 @@ class PcBoard(Board):
         self.add_devices(PCI)
 
     def add_device(self, spec: DeviceSpec) -> PciDevice:
-        """A registry device behind virtio-pci, named NAME<position> (virtio-blk0), in the firmware's boot order
-        when it is a disk."""
-        name = f"{spec.type.name}{spec.position}"
+        """A registry device, named as `spec.device_name` says: a virtio back end behind virtio-pci (in the
+        firmware's boot order when it is a disk), or a PCI function of its own (e1000)."""
+        name = spec.device_name
         backend = spec.type.create(DeviceContext(name, spec.position, self.machine, self), spec.options)
+        if isinstance(backend, PciDevice):          # a PCI function of its own (e1000): on the bus as it is
+            self.transports.append(backend)
+            self.machine.devices[name] = backend
+            return self.plug(backend)
         boot_index = spec.boot_index(spec.position) if backend.device_id == VIRTIO_ID_BLOCK else None
         return self.add_virtio(name, backend, boot_index)
 

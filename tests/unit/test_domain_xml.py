@@ -218,8 +218,8 @@ def test_current_memory_below_memory_is_a_warning(domain_file, files):
      "/domain/on_poweroff: 'restart' is not supported"),
     ([("<serial type='pty'>", "<serial type='tcp'><source mode='bind' host='127.0.0.1' service='4555'/>")],
      "/domain/devices/serial/@type: serial type 'tcp'"),
-    ([("<mac address='52:54:00:12:34:56'/>", "<mac address='52:54:00:12:34:56'/><model type='e1000'/>"),
-      ("<model type='virtio'/>", "")], "/domain/devices/interface/model/@type: 'e1000' is not supported"),
+    ([("<mac address='52:54:00:12:34:56'/>", "<mac address='52:54:00:12:34:56'/><model type='rtl8139'/>"),
+      ("<model type='virtio'/>", "")], "/domain/devices/interface/model/@type: 'rtl8139' is not supported"),
     ([("<console type='pty'>", "<console type='stdio'>")], "/domain/devices/console: the console (stdio) differs"),
     ([("<target dev='vdb' bus='virtio'/>", "<target dev='hdb' bus='virtio'/>")],
      "/domain/devices/disk[2]/target/@dev: 'hdb' is not a virtio disk name"),
@@ -329,3 +329,17 @@ def test_pyhv_only_options_round_trip_through_args(files):
                       accounting=False, devices=["testdev"], debugcon=ChardevSpec("file", "/tmp/debugcon.log"),
                       memory_backend="memfd", on_reset="restart").validate()
     assert args_to_config(config_to_args(config)) == config
+
+
+def test_e1000_model_round_trips_through_domain_xml_and_the_command_line(domain_file, files):
+    """<model type='e1000'/> is `--nic tap,ifname=TAP,model=e1000`; it means the e1000 device type on pc and is
+    refused on microvm (no PCI bus)."""
+    xml = full_xml(files).replace("<model type='virtio'/>", "<model type='e1000'/>")
+    config, _ = parse_domain_xml(domain_file(xml).path.read_text(), "vm.xml")
+    assert config.nets[0].model == "e1000"
+    assert args_to_config(config_to_args(config)).nets == config.nets
+    assert '<model type="e1000"/>' in config_to_domain_xml(config)          # (quoteattr's quotes)
+    assert [s.type.name for s in config.device_specs()] == ["virtio-blk", "virtio-blk", "e1000"]
+    config.machine = "microvm"
+    with pytest.raises(ConfigError, match="model=e1000 needs --machine pc"):
+        config.device_specs()

@@ -365,6 +365,15 @@ class E1000(PciDevice):
         self._reset_mac()
 
     # --- plumbing ----------------------------------------------------------------------------------------------
+    @classmethod
+    def create(cls, context, net) -> "E1000":
+        """The registry's factory (`--nic tap,ifname=TAP,model=e1000`, `--device e1000,ifname=TAP`): the card on
+        the guest's RAM, its frames on the tap (opened, or created, now)."""
+        m = context.machine
+        device = cls(context.name, m.guest_memory, mac=net.mac)
+        E1000Tap(device, m.iothread, tap=net.tap)
+        return device
+
     def attach_port(self, port: FramePort | None) -> None:
         self.port = port
 
