@@ -86,78 +86,64 @@ def test_virtio_blk_driver_reads_writes_and_respects_read_only(linux_guest, tmp_
         assert got["ioapic"] == "2"                         # one slot GSI per disk
 
 
-@pytest.mark.parametrize("machine", MACHINES)
-def test_virtio_net_driver_moves_tcp_both_ways(linux_guest, netns, machine):
-    n = 1 * MiB          # each way; on PVM hosts every guest system call costs ~1 ms
+NET_BYTES = 1 * MiB          # each way; on PVM hosts every guest system call costs ~1 ms
+
+
+def tcp_both_ways(assets, netns: str, machine: str, nic: str, after: list[str] = ()) -> tuple[dict, dict, str]:
+    """Boot `assets` with `--nic tap,ifname=TAP,<nic>` on a fresh tap in `netns` (10.213.1.1, the guest .2):
+    the guest prints its NIC's driver and MAC, receives NET_BYTES over TCP from NET_SERVER and sends NET_BYTES
+    back, then runs `after`. Checks both transfers; returns (guest values, the tap's counters, the tap's name)."""
     tap = f"pv{random.randrange(1 << 24):x}"
     subprocess.run(["ip", "-n", netns, "tuntap", "add", "dev", tap, "mode", "tap"], check=True)
     subprocess.run(["ip", "-n", netns, "addr", "add", "10.213.1.1/24", "dev", tap], check=True)
     subprocess.run(["ip", "-n", netns, "link", "set", tap, "up"], check=True)
-    server = subprocess.Popen(["ip", "netns", "exec", netns, sys.executable, "-c", NET_SERVER, "10.213.1.1", str(n)],
-                              stdout=subprocess.PIPE, text=True)
+    server = subprocess.Popen(["ip", "netns", "exec", netns, sys.executable, "-c", NET_SERVER, "10.213.1.1",
+                               str(NET_BYTES)], stdout=subprocess.PIPE, text=True)
     try:
-        status, out = boot_on(machine, linux_guest, "\n".join([
+        status, out = boot_on(machine, assets, "\n".join([
             "echo driver=$(basename $(readlink /sys/class/net/eth0/device/driver))",
             "echo mac=$(cat /sys/class/net/eth0/address)",
             "ip addr add 10.213.1.2/24 dev eth0", "ip link set eth0 up",
             "for i in $(seq 30); do ping -c1 -W1 10.213.1.1 >/dev/null 2>&1 && break; done",
             "nc 10.213.1.1 5001 > /tmp/rx", "echo rxsum=$(sha256sum /tmp/rx)",
-            f"dd if=/dev/urandom of=/tmp/tx bs=64k count={n // 65536} 2>/dev/null", "echo txsum=$(sha256sum /tmp/tx)",
-            "nc 10.213.1.1 5002 < /tmp/tx > /tmp/ack", "echo ack=$(cat /tmp/ack)",
-        ]), "--nic", f"tap,ifname={tap},mac=52:54:00:12:34:56", prefix=("ip", "netns", "exec", netns))
+            f"dd if=/dev/urandom of=/tmp/tx bs=64k count={NET_BYTES // 65536} 2>/dev/null",
+            "echo txsum=$(sha256sum /tmp/tx)",
+            "nc 10.213.1.1 5002 < /tmp/tx > /tmp/ack", "echo ack=$(cat /tmp/ack)", *after,
+        ]), "--nic", f"tap,ifname={tap},{nic}", prefix=("ip", "netns", "exec", netns))
         out_server = server.communicate(timeout=60)[0] if status == debug_exit_status(0) else ""
+        counters = {k: int(subprocess.run(["ip", "netns", "exec", netns, "cat", f"/sys/class/net/{tap}/statistics/{k}"],
+                                          capture_output=True, text=True, check=True).stdout)
+                    for k in ("rx_packets", "tx_packets")}
     finally:
         if server.poll() is None:
             server.kill()
             server.wait()
     assert status == debug_exit_status(0), out[-3000:]
     got = values(out)
-    assert got["driver"] == "virtio_net" and got["mac"] == "52:54:00:12:34:56"
     sent = dict(line.split("=", 1) for line in out_server.splitlines() if "=" in line)
     assert got["rxsum"] == sent["sentsum"]
-    assert int(sent["recvlen"]) == n and sent["recvsum"] == got["txsum"] and got["ack"] == "received"
+    assert int(sent["recvlen"]) == NET_BYTES and sent["recvsum"] == got["txsum"] and got["ack"] == "received"
+    return got, counters, tap
+
+
+@pytest.mark.parametrize("machine", MACHINES)
+def test_virtio_net_driver_moves_tcp_both_ways(linux_guest, netns, machine):
+    got, _, _ = tcp_both_ways(linux_guest, netns, machine, "mac=52:54:00:12:34:56")
+    assert got["driver"] == "virtio_net" and got["mac"] == "52:54:00:12:34:56"
 
 
 def test_e1000_driver_gets_link_and_mac_and_moves_tcp_both_ways(linux_guest, netns):
     """`--nic tap,...,model=e1000` on pc: Linux's e1000 driver binds to pyhv's 82540EM, reads the MAC from its
     EEPROM, reports the link up, moves 1 MiB each way over TCP (checksums on both sides), and its frame counters
     agree with what the host's tap counted."""
-    n = 1 * MiB
-    tap = f"pe{random.randrange(1 << 24):x}"
-    subprocess.run(["ip", "-n", netns, "tuntap", "add", "dev", tap, "mode", "tap"], check=True)
-    subprocess.run(["ip", "-n", netns, "addr", "add", "10.213.2.1/24", "dev", tap], check=True)
-    subprocess.run(["ip", "-n", netns, "link", "set", tap, "up"], check=True)
-    server = subprocess.Popen(["ip", "netns", "exec", netns, sys.executable, "-c", NET_SERVER, "10.213.2.1", str(n)],
-                              stdout=subprocess.PIPE, text=True)
     stats = "/sys/class/net/eth0/statistics"
-    try:
-        status, out = boot_pc(linux_guest, "\n".join([
-            "echo driver=$(basename $(readlink /sys/class/net/eth0/device/driver))",
-            "echo mac=$(cat /sys/class/net/eth0/address)",
-            "ip addr add 10.213.2.2/24 dev eth0", "ip link set eth0 up",
-            "for i in $(seq 30); do ping -c1 -W1 10.213.2.1 >/dev/null 2>&1 && break; done",
-            "echo carrier=$(cat /sys/class/net/eth0/carrier)",
-            "nc 10.213.2.1 5001 > /tmp/rx", "echo rxsum=$(sha256sum /tmp/rx)",
-            f"dd if=/dev/urandom of=/tmp/tx bs=64k count={n // 65536} 2>/dev/null", "echo txsum=$(sha256sum /tmp/tx)",
-            "nc 10.213.2.1 5002 < /tmp/tx > /tmp/ack", "echo ack=$(cat /tmp/ack)",
-            "ip link set eth0 down",                      # the counters stop here, before the host reads its own
-            f"echo tx_packets=$(cat {stats}/tx_packets)", f"echo rx_packets=$(cat {stats}/rx_packets)",
-        ]), "--nic", f"tap,ifname={tap},mac=52:54:00:ab:cd:ef,model=e1000", prefix=("ip", "netns", "exec", netns))
-        out_server = server.communicate(timeout=60)[0] if status == debug_exit_status(0) else ""
-        host = {k: int(subprocess.run(["ip", "netns", "exec", netns, "cat", f"/sys/class/net/{tap}/statistics/{k}"],
-                                      capture_output=True, text=True, check=True).stdout)
-                for k in ("rx_packets", "tx_packets")}
-    finally:
-        if server.poll() is None:
-            server.kill()
-            server.wait()
-    assert status == debug_exit_status(0), out[-3000:]
-    got = values(out)
+    got, host, _ = tcp_both_ways(linux_guest, netns, "pc", "mac=52:54:00:ab:cd:ef,model=e1000", after=[
+        "echo carrier=$(cat /sys/class/net/eth0/carrier)",
+        "ip link set eth0 down",                      # the counters stop here, before the host reads its own
+        f"echo tx_packets=$(cat {stats}/tx_packets)", f"echo rx_packets=$(cat {stats}/rx_packets)",
+    ])
     assert got["driver"] == "e1000" and got["mac"] == "52:54:00:ab:cd:ef" and got["carrier"] == "1"
-    sent = dict(line.split("=", 1) for line in out_server.splitlines() if "=" in line)
-    assert got["rxsum"] == sent["sentsum"]
-    assert int(sent["recvlen"]) == n and sent["recvsum"] == got["txsum"] and got["ack"] == "received"
-    assert int(got["tx_packets"]) > n // 1500 and int(got["rx_packets"]) > n // 1500
+    assert int(got["tx_packets"]) > NET_BYTES // 1500 and int(got["rx_packets"]) > NET_BYTES // 1500
     assert host["rx_packets"] == int(got["tx_packets"]), (host, got)      # every frame the guest sent arrived
     # the host may send a few more after the guest took its link down (FIN and ACK retransmits): dropped
     assert 0 <= host["tx_packets"] - int(got["rx_packets"]) <= 32, (host, got)
