@@ -36,6 +36,7 @@ import threading
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from pyhv import trace
 from pyhv.devices.device import Claim
 from pyhv.devices.irq import IrqLine, NullIrqLine
 from pyhv.devices.registers import Register, RegisterBank
@@ -548,6 +549,7 @@ class VirtioMmioDevice:
             self.warn_once("notify", "notification for queue %d; the device has %d", q, len(self.state.queues))
             return
         self.state.notifies[q] += 1
+        trace.event(f"{self.name}.queue_notify", "queue %d notified through an exit", q)
         self.backend.notify(q)
 
     def _kicked(self, fd: int, q: int) -> None:

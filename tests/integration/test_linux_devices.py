@@ -65,7 +65,8 @@ def test_virtio_blk_driver_reads_writes_and_respects_read_only(linux_guest, tmp_
         "dd if=/tmp/w of=/dev/vdb bs=4k count=1 conv=fsync 2>/dev/null; echo rodd=$?",
         "echo msi=$(grep -c 'PCI-MSI.*virtio' /proc/interrupts)",
         "echo ioapic=$(grep -c 'IO-APIC.*virtio' /proc/interrupts)",
-    ]), "--drive", f"file={disk},serial=pyhv-disk-1", "--drive", f"file={ro_disk},readonly=on")
+    ]), "--drive", f"file={disk},serial=pyhv-disk-1", "--drive", f"file={ro_disk},readonly=on",
+        "--trace", r"virtio-blk\d\.queue_notify", "--log-level", "info")
     assert status == debug_exit_status(0), out[-3000:]
     got = values(out)
     assert got["driver"] == "virtio_blk" and got["serial"] == "pyhv-disk-1"
@@ -83,6 +84,7 @@ def test_virtio_blk_driver_reads_writes_and_respects_read_only(linux_guest, tmp_
         assert int(got["msi"]) >= 2                         # config and request vectors of MSI-X, per disk
     else:
         assert "LNRO0005" in got["path"] and got["msi"] == "0"       # a virtio-mmio device the DSDT declares
+        assert "queue_notify" not in out                            # every notification went to an ioeventfd
         assert got["ioapic"] == "2"                         # one slot GSI per disk
 
 
@@ -124,6 +126,18 @@ def tcp_both_ways(assets, netns: str, machine: str, nic: str, after: list[str] =
     assert got["rxsum"] == sent["sentsum"]
     assert int(sent["recvlen"]) == NET_BYTES and sent["recvsum"] == got["txsum"] and got["ack"] == "received"
     return got, counters, tap
+
+
+def test_virtio_mmio_notifications_exit_to_pyhv_only_without_ioeventfd(linux_guest, tmp_path):
+    """The other side of the blk test's check: with --no-ioeventfd every QueueNotify write exits to pyhv (and is
+    traced), so "no queue_notify in the trace" there means the ioeventfds took them all."""
+    disk = tmp_path / "disk.raw"
+    disk.write_bytes(os.urandom(MiB))
+    status, out = boot_on("microvm", linux_guest, "dd if=/dev/vda of=/tmp/r bs=64k count=16 2>/dev/null",
+                          "--drive", f"file={disk}", "--no-ioeventfd", "--trace", r"virtio-blk\d\.queue_notify",
+                          "--log-level", "info")
+    assert status == debug_exit_status(0), out[-3000:]
+    assert out.count("virtio-blk0.queue_notify: queue 0 notified through an exit") >= 1
 
 
 @pytest.mark.parametrize("machine", MACHINES)
