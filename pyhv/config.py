@@ -124,6 +124,8 @@ class VmConfig:
         specs = []
         for what, items in (("--drive", self.drives), ("--nic", self.nets)):
             for item in items:
+                if what == "--nic" and item.model not in NIC_DEVICE_TYPES:
+                    item.validate()                     # names the models there are
                 name = "virtio-blk" if what == "--drive" else NIC_DEVICE_TYPES[item.model]
                 try:
                     dtype, transport = lookup(name, self.machine)

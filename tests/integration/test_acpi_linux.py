@@ -8,6 +8,7 @@ import asyncio
 import hashlib
 import os
 import re
+import time
 
 import pytest
 from qemu.qmp import EventListener, QMPClient
@@ -116,13 +117,18 @@ def test_system_powerdown_presses_the_power_button_and_the_guest_powers_off(linu
     """QMP (QEMU's client) system_powerdown. microvm: the GED raises its event, Linux's evged runs the DSDT's _EVT
     (Notify PWRB); pc: PIIX4 PM sets PWRBTN_STS and raises the SCI (the fixed power button). Linux's tiny
     power-button driver then signals the process in /proc/sys/kernel/cad_pid (here the test's shell), which runs
-    poweroff: Linux writes S5 to the GED's sleep register / PM1a_CNT and pyhv ends with status 0."""
+    poweroff: Linux writes S5 to the GED's sleep register / PM1a_CNT and pyhv ends with status 0. While the shell
+    ignores the signal, a press changes nothing: the VM keeps running."""
     # (the markers are split by "" so that the kernel's echo of its command line does not match them)
-    command = ("echo $$ > /proc/sys/kernel/cad_pid; trap 'echo power-button-\"\"pressed; poweroff -f' USR2; "
-               "echo ar\"\"med; while :; do sleep 1; done")
+    command = ("echo $$ > /proc/sys/kernel/cad_pid; trap '' USR2; echo ig\"\"noring; sleep 6; "
+               "trap 'echo power-button-\"\"pressed; poweroff -f' USR2; echo ar\"\"med; while :; do sleep 1; done")
     with pyhv.VM(kernel=str(linux_guest.bzimage), initrd=str(linux_guest.initramfs_uncompressed), machine=machine,
                  append=f"reboot=k panic=-1 {pyhv_cmd(command)}") as vm:
-        vm.console.expect("\narmed", timeout=BOOT_TIMEOUT)
+        vm.console.expect("\nignoring", timeout=BOOT_TIMEOUT)
+        vm.qmp("system_powerdown")              # a guest that ignores the button keeps running
+        time.sleep(3)
+        assert vm.wait(0) is None and vm.state == "running"
+        vm.console.expect("\narmed", timeout=60)
 
         async def body() -> list[str]:
             client = QMPClient("test")

@@ -40,6 +40,10 @@ def run_cli(capsys, *argv):
     (["run", "--firmware", "OK", "--device", "gpu"], "unknown device"),
     (["run", "--bogus"], "unrecognized arguments"),
     (["run", "--initrd", "OK"], "--initrd needs --kernel"),
+    (["run", "--firmware", "OK", "--acpi", "maybe"], "argument --acpi: invalid choice: 'maybe'"),
+    (["run", "--firmware", "OK", "--cpus", "300"], "between 1 and 64"),
+    (["run", "-M", "microvm", "--firmware", "OK", "--nic", "tap,ifname=t0,model=e1000"], "needs --machine pc"),
+    (["run", "--firmware", "OK", "--nic", "tap,ifname=t0,model=rtl8139"], "model 'rtl8139' is not supported"),
 ])
 def test_bad_input_gives_one_line_and_exit_code_2(tmp_path, capsys, argv, needle):
     (tmp_path / "EMPTY").write_bytes(b"")
