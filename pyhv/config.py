@@ -74,6 +74,7 @@ class VmConfig:
     ioeventfd: bool = True          # virtio notifications handled in the kernel (False: they exit to pyhv)
     msix: bool = True               # PCI devices offer MSI-X (False: INTx only)
     acpi: bool = True               # pyhv's ACPI tables describe the machine (False: the MP table, as before)
+    sidecore: bool = False          # a thread of its own polls the virtio-blk/net queues (virtio/poller.py)
 
     def validate(self) -> "VmConfig":
         if self.machine not in MACHINES:

@@ -70,6 +70,9 @@ def _add_run_options(p: argparse.ArgumentParser) -> None:
     hw.add_argument("--no-ioeventfd", action="store_true",
                     help="virtio notifications exit to pyhv instead of being handled by KVM (for comparison)")
     hw.add_argument("--no-msix", action="store_true", help="PCI devices offer no MSI-X: interrupts are INTx only")
+    hw.add_argument("--sidecore", action="store_true",
+                    help="sidecore emulation: a thread of its own polls every virtio-blk and virtio-net queue and "
+                         "the guest is asked never to notify them (default: samecore, notifications)")
     hw.add_argument("--acpi", choices=("on", "off"), default="on",
                     help="ACPI tables written by pyhv (default: on, as QEMU): the CPUs (MADT), the devices (DSDT: "
                          "virtio-mmio on microvm, the PCI root bridge on pc) and a power button (QMP "
@@ -176,7 +179,7 @@ def config_from_args(args: argparse.Namespace) -> "VmConfig":
         pvm_workarounds=not args.no_pvm_workarounds, pvm_syscall_fix=args.pvm_syscall_fix,
         emulation_fallbacks=not args.no_emulation_fallbacks, name=args.name, uuid=args.uuid,
         drives=[DriveConfig.parse(d) for d in args.drive], nets=[NetConfig.parse(n) for n in args.nic],
-        ioeventfd=not args.no_ioeventfd, msix=not args.no_msix, acpi=args.acpi == "on",
+        ioeventfd=not args.no_ioeventfd, msix=not args.no_msix, acpi=args.acpi == "on", sidecore=args.sidecore,
     )
     config = apply_file(config, args, explicit_options(getattr(args, "argv", [])))
     if config.kernel is None and config.firmware is None:
@@ -238,6 +241,7 @@ def cmd_run(args: argparse.Namespace) -> int:
             data = machine.exit_stats().as_dict(machine.port_owner)
             data.update(kvm_flavour=machine.flavour.value, exit_status=status, exit_reason=machine.exit_reason,
                         first_kvm_run_monotonic=machine.first_run_monotonic, kvm=machine.kvm_stats(),
+                        virtio=machine.virtio_stats(),
                         unassigned={"port_reads": machine.io.unassigned_reads,
                                     "port_writes": machine.io.unassigned_writes,
                                     "mmio_reads": machine.memory.unassigned_reads,

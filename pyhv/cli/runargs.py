@@ -35,7 +35,7 @@ OPTION_FIELDS = {"machine": "machine", "memory": "memory", "cpus": "cpus", "memo
                  "drive": "drives", "nic": "nets", "cpu": "cpu_model", "boot_entry": "boot_entry",
                  "no_pvm_workarounds": "pvm_workarounds", "pvm_syscall_fix": "pvm_syscall_fix",
                  "no_emulation_fallbacks": "emulation_fallbacks", "no_ioeventfd": "ioeventfd",
-                 "no_msix": "msix", "acpi": "acpi"}
+                 "no_msix": "msix", "acpi": "acpi", "sidecore": "sidecore"}
 LIST_FIELDS = ("devices", "drives", "nets")
 
 
@@ -132,13 +132,14 @@ def config_to_args(config: VmConfig) -> list[str]:
     for flag, on in (("--log-post", config.log_post), ("--no-accounting", not config.accounting),
                      ("--no-pvm-workarounds", not config.pvm_workarounds),
                      ("--no-emulation-fallbacks", not config.emulation_fallbacks),
-                     ("--no-ioeventfd", not config.ioeventfd), ("--no-msix", not config.msix)):
+                     ("--no-ioeventfd", not config.ioeventfd), ("--no-msix", not config.msix),
+                     ("--sidecore", config.sidecore)):
         if on:
             args.append(flag)
     known = {"name", "uuid", "machine", "memory", "cpus", "memory_backend", "firmware", "kernel", "initrd",
              "append", "drives", "nets", "devices", "serial", "debugcon", "on_reset", "log_post", "accounting",
              "cpu_model", "boot_entry", "pvm_workarounds", "pvm_syscall_fix", "emulation_fallbacks",
-             "ioeventfd", "msix", "acpi"}
+             "ioeventfd", "msix", "acpi", "sidecore"}
     missed = {f.name for f in fields(VmConfig)} - known
     if missed:                          # a field added to VmConfig without a command-line form here
         raise ConfigError(f"cannot express config fields {', '.join(sorted(missed))} as pyhv run options")

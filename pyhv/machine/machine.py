@@ -144,6 +144,12 @@ class Machine:
         self._build_memory()
         self._build_isa_devices()
         self.board: Board = self._board_class(config.machine)(self)
+        self.poller = None
+        if config.sidecore:
+            from pyhv.virtio.poller import QueuePoller
+            polled = [t.backend for t in self.board.transports if getattr(getattr(t, "backend", None), "pollable", False)]
+            self.poller = QueuePoller(polled)
+            log.info("sidecore: polling %s", ", ".join(d.name for d in polled) or "nothing (no virtio-blk/net)")
         self.boot_rom: MemoryRegion | None = None
         self.linux: LinuxBoot | None = None
         if config.firmware:
@@ -380,6 +386,8 @@ class Machine:
             if self.state != "created":
                 raise RuntimeError(f"machine already {self.state}")
             self.iothread.start()
+            if self.poller is not None:
+                self.poller.start()
             if self.coalesced is not None:
                 self._schedule_drain()
             self.state = "running"
@@ -441,6 +449,8 @@ class Machine:
             v.join(timeout=5)
         if self.coalesced is not None:
             self.coalesced.drain()
+        if self.poller is not None:
+            self.poller.stop()
         self.iothread.stop()
         for chardev in self.chardevs:
             chardev.close()
@@ -524,6 +534,18 @@ class Machine:
                     total[name] = total.get(name, 0) + stats[name]
         return total
 
+    def virtio_stats(self) -> dict:
+        """Per virtio device: the driver's notifications per queue (kicks and exits alike) and whether the sidecore
+        poller serves it; the poller's own counters under "sidecore"."""
+        out: dict = {}
+        for transport in self.board.transports:
+            backend = getattr(transport, "backend", None)
+            if backend is not None and hasattr(backend, "notifications"):
+                out[transport.name] = {"notifications": list(backend.notifications), "polled": backend.polled}
+        if self.poller is not None:
+            out["sidecore"] = self.poller.describe()
+        return out
+
     def port_owner(self, port: int) -> str:
         fr = self.io.view.port_table[port]
         if fr.region is None:
@@ -544,6 +566,14 @@ class Machine:
         kvm = self.kvm_stats()
         if kvm:
             extra.append("KVM counters: " + ", ".join(f"{k} {v}" for k, v in kvm.items()))
+        virtio = self.virtio_stats()
+        if virtio:
+            extra.append("virtio notifications by queue: " + ", ".join(
+                f"{name} {v['notifications']}{' (polled)' if v['polled'] else ''}"
+                for name, v in virtio.items() if name != "sidecore"))
+        if "sidecore" in virtio:
+            s = virtio["sidecore"]
+            extra.append(f"sidecore poller: {s['looks']} looks, {s['busy_looks']} with work, {s['sleeps']} sleeps")
         post = self.devices.get("post")
         if post is not None:
             extra.append(f"POST codes: {post.state.writes} writes, last {post.state.last:#04x}")

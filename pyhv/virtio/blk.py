@@ -211,6 +211,7 @@ class BlkImage:
 
 class VirtioBlk(VirtioDevice):
     device_id = VIRTIO_ID_BLOCK
+    pollable = True
     name = "virtio-blk"
 
     def __init__(self, path: str, readonly: bool = False, cache: str = "writeback", serial: str | None = None,

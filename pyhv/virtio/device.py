@@ -95,6 +95,7 @@ class VirtioDevice:
     device_id: ClassVar[int] = 0
     queue_sizes: tuple[int, ...] = ()
     name: str = "virtio"
+    pollable: ClassVar[bool] = False       # --sidecore may poll it (its `poll` serves every queue it has)
 
     def __init__(self, name: str | None = None) -> None:
         if name is not None:
@@ -108,6 +109,8 @@ class VirtioDevice:
         self.driver_features = 0
         self.active = False
         self.broken = False
+        self.polled = False                         # sidecore: a QueuePoller serves the queues (virtio/poller.py)
+        self.notifications: list[int] = []          # per queue: the driver's notifications (kicks, exits)
         self._warned: set[str] = set()
 
     # --- identity and configuration ----------------------------------------------------------------------
@@ -140,6 +143,11 @@ class VirtioDevice:
             self.interrupt = interrupt
             self.driver_features = driver_features
             self.broken = False
+            self.notifications = [0] * len(self.queues)
+            if self.polled:                 # before the driver, told DRIVER_OK, posts its first buffers
+                for queue in self.queues:
+                    if queue is not None:
+                        queue.disable_notification()
             self.active = True
             self.activated()
 
@@ -153,10 +161,34 @@ class VirtioDevice:
             if not 0 <= queue_index < len(self.queues) or self.queues[queue_index] is None:
                 self.warn_once("bad-notify", "driver notified queue %d, which is not set up", queue_index)
                 return
-            try:
-                self.process(queue_index)
-            except VirtQueueError as e:
-                self.needs_reset(str(e))
+            self.notifications[queue_index] += 1
+            self._process_guarded(queue_index)
+
+    def poll(self) -> bool:
+        """Sidecore (the poller's thread): keep the driver's notifications off and serve every queue that has new
+        buffers. True if there was work. Devices whose queues are not all request queues override this."""
+        with self.lock:
+            if not self.active or self.broken:
+                return False
+            work = False
+            for index, queue in enumerate(self.queues):
+                if queue is None:
+                    continue
+                queue.disable_notification()
+                if queue.pending():
+                    work = True
+                    if not self._process_guarded(index):
+                        break
+            return work
+
+    def _process_guarded(self, queue_index: int) -> bool:
+        """process() with a broken ring turned into DEVICE_NEEDS_RESET; False then."""
+        try:
+            self.process(queue_index)
+            return True
+        except VirtQueueError as e:
+            self.needs_reset(str(e))
+            return False
 
     def process(self, queue_index: int) -> None:
         """Handle the available buffers of a queue (under the device lock). Raise VirtQueueError for a broken
@@ -208,5 +240,5 @@ class VirtioDevice:
             while (chain := queue.pop()) is not None:
                 queue.push(chain, handle(chain))
             self.signal_used(queue)
-            if not queue.enable_notification():
+            if self.polled or not queue.enable_notification():     # polled: the poller looks again anyway
                 return

@@ -62,6 +62,7 @@ OFFERED = COMMON_FEATURES | bits(
 
 class VirtioNet(VirtioDevice):
     device_id = VIRTIO_ID_NET
+    pollable = True
     queue_sizes = (256, 256)
     name = "virtio-net"
 
@@ -85,6 +86,7 @@ class VirtioNet(VirtioDevice):
             raise TapError("virtio-net needs a tap (a name or an open file descriptor)")
         self._rxbuf = bytearray(MAX_FRAME)
         self._rx_held = 0          # length of a frame read from the tap that waits in _rxbuf for receive buffers
+        self._rx_wait: int | None = None   # polled: receive waits for the avail index to move past this
         self._polling = False
         self.stats = {"rx_packets": 0, "rx_bytes": 0, "rx_dropped": 0, "tx_packets": 0, "tx_bytes": 0,
                       "tx_dropped": 0}
@@ -119,6 +121,7 @@ class VirtioNet(VirtioDevice):
     def deactivated(self) -> None:
         self._poll_tap(False)
         self._rx_held = 0
+        self._rx_wait = None
         self._set_offload(0)
 
     def _set_offload(self, flags: int) -> None:
@@ -136,6 +139,27 @@ class VirtioNet(VirtioDevice):
                 self.iothread.remove_reader(self.tap_fd)
 
     # --- queues --------------------------------------------------------------------------------------------
+    def poll(self) -> bool:
+        """Sidecore: transmit what the driver queued; for receive, look only when the tap side is waiting for
+        buffers (frames themselves arrive through the tap's reader on the I/O thread)."""
+        with self.lock:
+            if not self.active or self.broken or len(self.queues) <= TX_QUEUE:
+                return False
+            work = False
+            rx, tx = self.queues[RX_QUEUE], self.queues[TX_QUEUE]
+            if tx is not None:
+                tx.disable_notification()
+                if tx.pending():
+                    work = True
+                    self._process_guarded(TX_QUEUE)
+            if rx is not None and not self.broken:
+                rx.disable_notification()
+                if self._rx_wait is not None and rx.avail_idx() != self._rx_wait:
+                    self._rx_wait = None
+                    work = True
+                    self._process_guarded(RX_QUEUE)
+            return work
+
     def process(self, queue_index: int) -> None:
         if queue_index == TX_QUEUE:
             self.serve(self.queues[TX_QUEUE], self._transmit)
@@ -178,9 +202,11 @@ class VirtioNet(VirtioDevice):
         for _ in range(RX_BATCH):           # then let other work run; the tap stays readable
             if not self._rx_held:
                 if not q.pending():
-                    if q.enable_notification():
+                    if self.polled:
+                        self._rx_wait = q.state.next_avail  # the poller comes back when buffers are posted
+                    elif q.enable_notification():
                         continue
-                    self._poll_tap(False)      # no receive buffers: wait for the driver's kick
+                    self._poll_tap(False)      # no receive buffers: wait for the driver's kick (or the poller)
                     break
                 try:
                     n = os.readv(self.tap_fd, [self._rxbuf])
@@ -199,7 +225,12 @@ class VirtioNet(VirtioDevice):
                 # do, rather than drop it: Linux refills its ring only in batches, and a dropped TCP segment
                 # makes the sender back off (seconds, then minutes) while the ring stays short. Retry at once
                 # if buffers came meanwhile: the frame held may be the tap's last, so nothing else would.
-                if outcome is not _NO_ROOM or not q.enable_notification(after=seen):
+                if outcome is not _NO_ROOM:
+                    break
+                if self.polled:
+                    self._rx_wait = seen
+                    break
+                if not q.enable_notification(after=seen):
                     break
             if outcome is _NO_ROOM:
                 self._poll_tap(False)

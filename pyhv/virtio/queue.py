@@ -374,10 +374,14 @@ class VirtQueue:
 
     # --- notification suppression for the driver -------------------------------------------------------------
     def disable_notification(self) -> None:
-        """Ask the driver not to kick (the device is polling the queue anyway)."""
-        if not self.state.event_idx:
+        """Ask the driver not to kick (the device is polling the queue anyway). With event idx: an avail_event half
+        the index space behind the device's position. The driver kicks when a batch it posts crosses avail_event;
+        just behind would not do, since a device working while a long batch is still being posted (a slow guest
+        filling 256 receive buffers) moves next_avail into that batch. No batch (at most a ring, 32768) spans 0x8000."""
+        if self.state.event_idx:
+            _U16.pack_into(self._used, self._avail_event_off, (self.state.next_avail - 0x8001) & 0xFFFF)
+        else:
             _U16.pack_into(self._used, 0, VIRTQ_USED_F_NO_NOTIFY)
-        # with event idx the device simply does not move avail_event forward
 
     def enable_notification(self, after: int | None = None) -> bool:
         """Ask the driver to kick for the next buffer; True if buffers arrived meanwhile (pop them first).
