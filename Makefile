@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV   := .venv
 PY     := $(VENV)/bin/python
 
-.PHONY: run demo test lint deps bench clean compile
+.PHONY: run demo test lint deps bench bench-models clean compile
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -42,6 +42,12 @@ lint: $(VENV)/.installed
 bench: compile deps
 	$(PY) bench/exits.py
 	$(PY) bench/pc_boot.py
+
+# The emulation models side by side (e1000, virtio with exits / ioeventfd / sidecore, vhost-user) on the same Linux
+# TCP workload: bench/models.txt, .json and .svg. Needs root; a few minutes.
+bench-models: compile deps
+	$(PY) -m pip install -q -e '.[bench]'
+	$(PY) bench/models.py
 
 clean:
 	rm -rf $(VENV) build .pytest_cache
