@@ -22,9 +22,10 @@ DEVICE_TYPES: dict[str, DeviceType] = {t.name: t for t in (
                transports=VIRTIO, boot_index_base=1000),
     DeviceType("virtio-net", "network card on a host tap: ifname=TAP[,mac=MAC] (also --nic tap,ifname=TAP)",
                "pyhv.virtio.net:VirtioNet.create", options=NetConfig, transports=VIRTIO),
-    DeviceType("e1000", "Intel 82540EM network card (Linux's e1000, iPXE) on a host tap: ifname=TAP[,mac=MAC] "
-               "(also --nic tap,ifname=TAP,model=e1000)", "pyhv.devices.net.e1000:E1000.create", options=NetConfig,
-               transports=(PCI,)),
+    DeviceType("e1000", "Intel 82540EM network card (Linux's e1000, iPXE) on a host tap: ifname=TAP[,mac=MAC]"
+               "[,romfile=PATH] (an option ROM, e.g. iPXE's /usr/lib/ipxe/qemu/efi-e1000.rom, for firmware to "
+               "network-boot from; also --nic tap,ifname=TAP,model=e1000)", "pyhv.devices.net.e1000:E1000.create",
+               options=NetConfig, transports=(PCI,)),
     DeviceType("virtio-console", "the guest's hvc0 on a host character device: chardev=stdio|file:PATH|"
                "socket:PATH|pty|none", "pyhv.virtio.console:VirtioConsole.create", options=ConsoleOptions,
                transports=VIRTIO),

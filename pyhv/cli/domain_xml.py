@@ -13,7 +13,7 @@ pyhv reads the part of libvirt's format that it can honour:
       <devices>
         <disk type='file' device='disk'> <driver name='qemu' type='raw' cache= queues=/> <source file=/>
               <target dev='vdX' bus='virtio'/> <readonly/> <serial>
-        <interface type='ethernet'> <target dev='TAP'/> <mac address=/> <model type='virtio|e1000'/>
+        <interface type='ethernet'> <target dev='TAP'/> <mac address=/> <model type='virtio|e1000'/> <rom file=/>
         <serial|console type='pty|file|stdio|unix|null'> <source path=/> <target port='0'/>
 
 Everything else is collected while parsing (each element or attribute that no rule read) and reported in one
@@ -335,6 +335,9 @@ def _interface(r: _Reader, iface: ET.Element) -> NetConfig:
     model = r.child(iface, "model")
     if model is not None:
         net.model = r.attr(model, "type", required=True, allowed=("virtio", "e1000"))
+    rom = r.child(iface, "rom")
+    if rom is not None:
+        net.romfile = r.attr(rom, "file", required=True)
     return net
 
 
@@ -411,7 +414,10 @@ def config_to_domain_xml(config: VmConfig) -> str:
         if net.mac:
             lines.append(f"      <mac address={quoteattr(net.mac)}/>")
         lines += [f"      <target dev={quoteattr(net.tap)} managed='no'/>",
-                  f"      <model type={quoteattr(net.model)}/>", "    </interface>"]
+                  f"      <model type={quoteattr(net.model)}/>"]
+        if net.romfile:
+            lines.append(f"      <rom file={quoteattr(net.romfile)}/>")
+        lines.append("    </interface>")
     kinds = {v: k for k, v in SERIAL_TYPES.items()}
     if config.serial.kind != "none":
         kind = kinds[config.serial.kind]

@@ -93,6 +93,7 @@ class DriveConfig:
 
 _MAC_RE = re.compile(r"^[0-9a-fA-F]{2}(:[0-9a-fA-F]{2}){5}$")
 NET_MODELS = ("virtio", "e1000")       # --nic model=: the device type is virtio-net or e1000
+MAX_OPTION_ROM = 16 << 20               # a ROM BAR's largest size we accept (iPXE's are 64-512 KiB)
 
 
 @dataclass
@@ -102,6 +103,8 @@ class NetConfig:
     tap: str
     mac: str | None = None          # None: pyhv picks one (52:54:00:...)
     model: str = "virtio"
+    romfile: str | None = None      # e1000: an option ROM (iPXE's) in the card's expansion ROM BAR
+
 
     def validate(self) -> None:
         if not self.tap or len(self.tap.encode()) > 15 or "/" in self.tap or self.tap in (".", ".."):
@@ -116,29 +119,42 @@ class NetConfig:
         if self.model not in NET_MODELS:
             raise ConfigError(f"network interface {self.tap}: model {self.model!r} is not supported",
                               f"use {', '.join(NET_MODELS)}")
+        if self.romfile is not None:
+            if self.model != "e1000":
+                raise ConfigError(f"network interface {self.tap}: romfile= needs model=e1000",
+                                  "virtio-net has no expansion ROM in pyhv")
+            try:
+                size = os.path.getsize(self.romfile)
+            except OSError as e:
+                raise ConfigError(f"network interface {self.tap}: option ROM {self.romfile}: {e.strerror}") from None
+            if not 0 < size <= MAX_OPTION_ROM:
+                raise ConfigError(f"network interface {self.tap}: option ROM {self.romfile} is {size} bytes",
+                                  f"an expansion ROM holds 1 to {MAX_OPTION_ROM} bytes")
 
     @classmethod
     def parse(cls, text: str) -> "NetConfig":
-        """`--nic tap,ifname=NAME[,mac=MAC][,model=virtio|e1000]` (as QEMU's -nic)."""
+        """`--nic tap,ifname=NAME[,mac=MAC][,model=virtio|e1000][,romfile=PATH]` (as QEMU's -nic)."""
         kind, _, rest = text.partition(",")
         if kind != "tap":
             raise ConfigError(f"--nic {text!r}: only tap networking is supported", "write --nic tap,ifname=NAME")
-        opts = _parse_options(rest, "--nic", {"ifname", "mac", "model"})
+        opts = _parse_options(rest, "--nic", {"ifname", "mac", "model", "romfile"})
         if "ifname" not in opts:
             raise ConfigError(f"--nic {text!r}: ifname= is missing", "write --nic tap,ifname=NAME")
-        return cls(opts["ifname"], opts.get("mac"), opts.get("model", "virtio"))
+        return cls(opts["ifname"], opts.get("mac"), opts.get("model", "virtio"), opts.get("romfile"))
 
     @classmethod
     def from_device_arg(cls, name: str, text: str, arg: str) -> "NetConfig":
-        """`--device virtio-net[-pci],ifname=TAP[,mac=MAC]`, `--device e1000,ifname=TAP[,mac=MAC]`."""
-        opts = _parse_options(text, "--device", {"ifname", "mac"})
+        """`--device virtio-net[-pci],ifname=TAP[,mac=MAC]`, `--device e1000,ifname=TAP[,mac=MAC][,romfile=PATH]`."""
+        e1000 = name.startswith("e1000")
+        opts = _parse_options(text, "--device", {"ifname", "mac"} | ({"romfile"} if e1000 else set()))
         if "ifname" not in opts:
             raise ConfigError(f"--device {arg!r}: ifname= is missing", f"write --device {name},ifname=TAP")
-        return cls(opts["ifname"], opts.get("mac"), "e1000" if name == "e1000" else "virtio")
+        return cls(opts["ifname"], opts.get("mac"), "e1000" if e1000 else "virtio", opts.get("romfile"))
 
     def to_arg(self) -> str:
         return ",".join(["tap", f"ifname={self.tap}"] + ([f"mac={self.mac}"] if self.mac else [])
-                        + ([f"model={self.model}"] if self.model != "virtio" else []))
+                        + ([f"model={self.model}"] if self.model != "virtio" else [])
+                        + ([f"romfile={self.romfile}"] if self.romfile else []))
 
 
 def _parse_options(text: str, option: str, known: set[str]) -> dict[str, str]:

@@ -17,7 +17,7 @@ import threading
 import time
 from typing import Callable
 
-from pyhv.arch.x86 import cpu_dump
+from pyhv.arch.x86 import cpu_dump, pm_interrupt
 from pyhv.arch.x86.cpuid import processor_signature, vcpu_cpuid
 from pyhv.arch.x86.emulate import InstructionCompleter, UnsupportedInstruction
 from pyhv.arch.x86.firmware import map_firmware
@@ -41,7 +41,7 @@ from pyhv.errors import ConfigError
 from pyhv.runtime.iothread import IoThread
 from pyhv.kvm import Kvm
 from pyhv.kvm import constants as C
-from pyhv.memory import AddressSpace, GuestMemory, MemoryRegion, RamBlock, memory_transaction
+from pyhv.memory import AddressSpace, GuestMemory, GuestMemoryError, MemoryRegion, RamBlock, memory_transaction
 from pyhv.memory.kvm_slots import KvmMemslots
 from pyhv.stats import ExitStats
 from pyhv.machine.board import Board
@@ -271,11 +271,34 @@ class Machine:
         }
 
     def _on_triple_fault(self, vcpu: VcpuThread, reason: int) -> bool:
+        if self.flavour.is_pvm and self.config.emulation_fallbacks and self._deliver_pm_interrupt(vcpu):
+            return True
         if self.config.on_reset == "restart":
             log.warning("vCPU %d triple fault: resetting the machine", vcpu.id)
             self._guest_reset()
             return True
         return self.crash(vcpu, "triple fault (KVM_EXIT_SHUTDOWN)")
+
+    def _deliver_pm_interrupt(self, vcpu: VcpuThread) -> bool:
+        """PVM turns an interrupt for a legacy protected-mode guest into a triple fault: deliver it here instead
+        (pyhv/arch/x86/pm_interrupt.py). False when the triple fault is something else."""
+        v = vcpu.vcpu
+        try:
+            regs, sregs = v.get_regs(), v.get_sregs()
+            vector = pm_interrupt.in_service_vector(
+                bytes(self.vm.get_irqchip(C.KVM_IRQCHIP_PIC_MASTER).chip[:16]),
+                bytes(self.vm.get_irqchip(C.KVM_IRQCHIP_PIC_SLAVE).chip[:16]))
+            pm_interrupt.deliver(vector, regs, sregs, self.guest_memory.read, self.guest_memory.write)
+        except (pm_interrupt.NotDeliverable, GuestMemoryError) as e:
+            log.debug("vCPU %d triple fault is not an undeliverable interrupt: %s", vcpu.id, e)
+            return False
+        v.set_sregs(sregs)
+        v.set_regs(regs)
+        count = vcpu.stats.fallbacks["pm-interrupt"] = vcpu.stats.fallbacks.get("pm-interrupt", 0) + 1
+        if count == 1:
+            log.info("vCPU %d: PVM cannot deliver interrupts in protected mode: vector %#x delivered by pyhv; "
+                     "further ones are counted in --stats", vcpu.id, vector)
+        return True
 
     def _on_internal_error(self, vcpu: VcpuThread, reason: int) -> bool:
         internal = vcpu.vcpu.run.internal

@@ -67,6 +67,32 @@ def bootsector_disk(sectors: int = BOOTSECTOR_SECTORS, corrupt: bool = False) ->
     return out
 
 
+PXE_TOKEN_PLACEHOLDER = b"@" * 16
+
+
+def pxe_program(token: bytes) -> bytes:
+    """tests/guests/pxeboot.S linked at 0x7c00 with `token` (16 bytes) in place of its placeholder."""
+    if len(token) != len(PXE_TOKEN_PLACEHOLDER):
+        raise ValueError("the PXE token is 16 bytes")
+    source = GUESTS / "pxeboot.S"
+    out, done = _cached("pxeboot", source.read_bytes(), (GUESTS / "lib16.inc").read_bytes(),
+                        (GUESTS / "common.inc").read_bytes())
+    if not done:
+        with tempfile.TemporaryDirectory() as tmp:
+            obj, binary = Path(tmp) / "pxe.o", Path(tmp) / "pxe.bin"
+            subprocess.run(["gcc", "-c", "-x", "assembler-with-cpp", "-nostdlib", "-I", str(GUESTS), "-o", str(obj),
+                            str(source)], check=True)
+            subprocess.run(["ld", "-m", "elf_x86_64", "-Ttext=0x7c00", "-e", "_start", "--oformat", "binary",
+                            "-o", str(binary), str(obj)], check=True)
+            tmp_out = out.with_suffix(".tmp")
+            tmp_out.write_bytes(binary.read_bytes())
+            tmp_out.replace(out)
+    program = out.read_bytes()
+    if program.count(PXE_TOKEN_PLACEHOLDER) != 1:
+        raise RuntimeError(f"{out}: no single token placeholder")
+    return program.replace(PXE_TOKEN_PLACEHOLDER, token)
+
+
 def main() -> int:
     kind = sys.argv[1] if len(sys.argv) > 1 else "bootsector"
     if kind == "bootsector":

@@ -343,3 +343,26 @@ def test_e1000_model_round_trips_through_domain_xml_and_the_command_line(domain_
     config.machine = "microvm"
     with pytest.raises(ConfigError, match="model=e1000 needs --machine pc"):
         config.device_specs()
+
+
+def test_e1000_option_rom_from_xml_command_line_and_device(domain_file, files, tmp_path):
+    """<rom file=/> in an e1000 interface is `romfile=` on --nic and --device; a missing file, an empty one or a
+    virtio-net with a ROM are clear errors."""
+    rom = tmp_path / "efi-e1000.rom"
+    rom.write_bytes(b"\x55\xaa" + bytes(3000))
+    xml = full_xml(files).replace("<model type='virtio'/>", f"<model type='e1000'/><rom file='{rom}'/>")
+    config, _ = parse_domain_xml(domain_file(xml).path.read_text(), "vm.xml")
+    assert config.nets[0].romfile == str(rom)
+    assert args_to_config(config_to_args(config)).nets == config.nets
+    assert f'<rom file="{rom}"/>' in config_to_domain_xml(config)
+    assert NetConfig.parse(f"tap,ifname=t0,model=e1000,romfile={rom}").romfile == str(rom)
+    assert NetConfig.from_device_arg("e1000", f"ifname=t0,romfile={rom}", "").romfile == str(rom)
+    with pytest.raises(ConfigError, match="unknown option"):
+        NetConfig.from_device_arg("virtio-net", f"ifname=t0,romfile={rom}", "")
+    with pytest.raises(ConfigError, match="romfile= needs model=e1000"):
+        NetConfig("t0", romfile=str(rom)).validate()
+    with pytest.raises(ConfigError, match="No such file"):
+        NetConfig("t0", model="e1000", romfile=str(tmp_path / "missing.rom")).validate()
+    (tmp_path / "empty.rom").write_bytes(b"")
+    with pytest.raises(ConfigError, match="is 0 bytes"):
+        NetConfig("t0", model="e1000", romfile=str(tmp_path / "empty.rom")).validate()

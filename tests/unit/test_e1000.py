@@ -631,3 +631,21 @@ def test_tap_adapter_with_socketpair(rig: Rig) -> None:
     finally:
         tap.close()
         theirs.close()
+
+
+def test_option_rom_behind_the_expansion_rom_bar(rig: Rig, tmp_path) -> None:
+    """romfile=: the BAR sizes to the file rounded up to a power of two, decodes only when enabled, reads the file
+    back and ignores writes (firmware copies the ROM out of it)."""
+    rom = bytes([0x55, 0xAA, 0x20]) + bytes(range(256)) * 20            # 5123 bytes: an 8 KiB BAR
+    path = tmp_path / "test.rom"
+    path.write_bytes(rom)
+    rig.dev.load_option_rom(str(path))
+    b = rig.board
+    b.cfg_write(DEVFN, 0x30, 4, 0xFFFFF800)
+    assert b.cfg_read(DEVFN, 0x30, 4) == 0xFFFFE000                              # 8 KiB, not enabled
+    b.cfg_write(DEVFN, 0x30, 4, 0xFEB00000)                                       # placed, still disabled
+    assert b.memory.read(0xFEB00000, 2) != 0xAA55
+    b.cfg_write(DEVFN, 0x30, 4, 0xFEB00001)
+    assert bytes(b.memory.read(0xFEB00000 + i, 1) for i in range(len(rom))) == rom
+    b.memory.write(0xFEB00000, 2, 0)
+    assert b.memory.read(0xFEB00000, 2) == 0xAA55

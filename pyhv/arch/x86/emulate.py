@@ -8,6 +8,8 @@ small, tested set and performs it on the vCPU's registers (and guest memory), th
     clac / stac           clear / set RFLAGS.AC
     popcnt r, r/m         population count, ZF from the source, other arithmetic flags cleared
     ldmxcsr / stmxcsr m32 load / store MXCSR (through KVM_GET/SET_FPU)
+    iret (32-bit)         return from an interrupt in non-paged protected mode at CPL 0 (KVM's emulator knows
+                          only the real-mode one; see pm_interrupt.py for the delivery it pairs with)
 
 Anything else is left to the caller, which stops the VM with a register dump.
 """
@@ -16,6 +18,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Callable
 
+from pyhv.arch.x86 import pm_interrupt
 from pyhv.kvm import structs as S
 
 RFLAGS_CF, RFLAGS_PF, RFLAGS_AF, RFLAGS_ZF, RFLAGS_SF, RFLAGS_OF = 1 << 0, 1 << 2, 1 << 4, 1 << 6, 1 << 7, 1 << 11
@@ -107,6 +110,8 @@ def decode(code: bytes, long_mode: bool = True) -> Instruction:
         return Instruction("int3", pos + 1)
     if op == 0x9B:
         return Instruction("fwait", pos + 1)
+    if op == 0xCF and not rex:
+        return Instruction("iret", pos + 1, opsize)
     if op == 0x0F and pos + 1 < len(code):
         op2 = code[pos + 1]
         if op2 == 0x01 and pos + 2 < len(code) and code[pos + 2] in (0xCA, 0xCB):
@@ -146,6 +151,16 @@ class InstructionCompleter:
             events.exception.injected, events.exception.nr = 1, BP_VECTOR
             events.exception.has_error_code, events.exception.pending = 0, 0
             self.vcpu.set_vcpu_events(events)
+            return insn.name
+        if insn.name == "iret":
+            if long_mode or bool(sregs.cs.db) == (insn.opsize == 2):
+                raise UnsupportedInstruction("iret other than a 32-bit one in protected mode")
+            try:
+                pm_interrupt.return_from_interrupt(regs, sregs, self.read_phys)
+            except pm_interrupt.NotDeliverable as e:
+                raise UnsupportedInstruction(f"iret: {e}") from None
+            self.vcpu.set_sregs(sregs)
+            self.vcpu.set_regs(regs)
             return insn.name
         if insn.name == "fwait":
             pass

@@ -371,8 +371,18 @@ class E1000(PciDevice):
         the guest's RAM, its frames on the tap (opened, or created, now)."""
         m = context.machine
         device = cls(context.name, m.guest_memory, mac=net.mac)
+        if net.romfile:
+            device.load_option_rom(net.romfile)
         E1000Tap(device, m.iothread, tap=net.tap)
         return device
+
+    def load_option_rom(self, path: str) -> None:
+        """Put the option ROM in `path` (iPXE's `efi-e1000.rom`, say) behind the expansion ROM BAR, where firmware
+        finds, copies and runs it; the BAR is the file's size rounded up to a power of two."""
+        with open(path, "rb") as f:
+            data = f.read()
+        size = max(2048, 1 << (len(data) - 1).bit_length())
+        self.add_rom_bar(MemoryRegion.rom(f"{self.name}-rom", data, size, owner=self.name))
 
     def attach_port(self, port: FramePort | None) -> None:
         self.port = port
