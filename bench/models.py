@@ -1,6 +1,8 @@
 #!/usr/bin/env python3
-"""Emulation models side by side (`make bench-models`): the same Linux TCP workload (the project's small kernel,
-NBYTES each way through a tap in a network namespace of its own) under each network device model pyhv has:
+"""Emulation models side by side (`make bench-models`): two workloads, each through a tap in a network namespace of
+its own, under each network device model pyhv has. The project guest (tests/guests/nicbench.c, a polling driver
+of its own for the e1000 and virtio-net) sends or receives N frames of 64 and 1500 bytes: clean per-frame
+figures. The small Linux kernel moves NBYTES each way over TCP with its own drivers. The models:
 
     e1000                 traditional emulation: Linux's e1000 driver, every register access a VM exit
     virtio-exits          virtio-net, notifications exit to pyhv (--no-ioeventfd)
@@ -8,12 +10,15 @@ NBYTES each way through a tap in a network namespace of its own) under each netw
     virtio-sidecore       virtio-net polled by a thread of its own (--sidecore): the guest never notifies
     vhost-user            virtio-net rings served by pyhv's own vhost-user back end, another process
 
-For each, over the transfer only (QMP query-exit-stats, /proc/PID/stat and the tap's counters sampled when the
-guest connects and when the last byte arrives): exits that reached pyhv per packet by reason, pyhv's CPU time per
-packet (user and system), the handlers' time per packet, MB/s each way and packets/s (timed on the host side).
+For each, over the transfer only (QMP query-exit-stats and /proc/PID/stat sampled at the guest's go and at its
+result, or when the guest connects and when the last byte arrives, with the tap's counters): exits that reached
+pyhv per packet by reason, pyhv's CPU time per packet (user and system), the handlers' time per packet, MB/s and
+packets/s (timed on the host side). Host-to-guest frames come from a packet socket on the tap, as fast as it takes
+them; the guest counts the ones it receives.
 Needs root (netns, tap). With matplotlib installed (`pip install -e .[bench]`), also writes a chart next to the table.
 
-    python3 bench/models.py [--bytes 1M] [--out bench/models]   # writes OUT.txt (and OUT.svg)
+    python3 bench/models.py [--workload both|frames|tcp] [--frames 5000] [--bytes 1M] [--out bench/models]
+                                                 # writes OUT.txt, OUT.json (and OUT.svg, OUT-frames.svg)
 
 On a 2-core PVM host the guest kernel runs emulated: absolute MB/s are small, and the poller of the sidecore
 model shares the two cores with the vCPU and the I/O thread, which a real sidecore (a dedicated core) would not.
@@ -21,6 +26,7 @@ model shares the two cores with the vCPU and the I/O thread, which a real sideco
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import random
@@ -28,6 +34,7 @@ import subprocess
 import sys
 import tempfile
 import textwrap
+import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -102,48 +109,65 @@ def guest_command(n: int) -> str:
     ])
 
 
-def run_model(name: str, options: list[str], assets, n: int, workdir: Path) -> dict:
-    from pyhv.monitor.client import QmpClient
+@contextlib.contextmanager
+def network(name: str, workdir: Path):
+    """A namespace of its own with a tap (HOST's address on it) and, for the vhost-user model, pyhv's back end
+    serving that tap; yields (namespace, tap, vhost-user socket, QMP socket, back end process or None)."""
     ns = f"pyhv-bm{os.getpid()}-{random.randrange(1 << 20)}"
     tap = f"bm{random.randrange(1 << 24):x}"
     socket_path, qmp_path = str(workdir / f"{tap}.sock"), str(workdir / f"{tap}.qmp")
     subprocess.run(["ip", "netns", "add", ns], check=True)
-    backend = proc = None
+    backend = None
     try:
         subprocess.run(["ip", "-n", ns, "tuntap", "add", "dev", tap, "mode", "tap"], check=True)
         subprocess.run(["ip", "-n", ns, "addr", "add", f"{HOST}/24", "dev", tap], check=True)
         subprocess.run(["ip", "-n", ns, "link", "set", tap, "up"], check=True)
-        server = subprocess.Popen(["ip", "netns", "exec", ns, sys.executable, "-c", SERVER, HOST, str(n)],
-                                  stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
         if name == "vhost-user":
             backend = subprocess.Popen(["ip", "netns", "exec", ns, sys.executable, "-m", "pyhv.cli",
                                         "vhost-user-backend", "--type", "net", "--socket", socket_path, "--tap", tap],
                                        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=ROOT)
             backend.stdout.readline()                       # "... listening on ..."
-        cmd = ["ip", "netns", "exec", ns, sys.executable, "-m", "pyhv.cli", "run", "--machine", "pc",
-               "--kernel", str(assets.bzimage), "--initrd", str(assets.initramfs_uncompressed), "--memory", "256M",
-               "--serial", "stdio", "--qmp", f"unix:{qmp_path}",
-               "--append", f"console=ttyS0 reboot=k panic=-1 {encode_command(guest_command(n))}",
-               *[o.format(tap=tap, socket=socket_path) for o in options]]
-        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, cwd=ROOT)
-        snaps = []
-        for marker in ("start", "end"):
-            line = server.stdout.readline().strip()
-            if line != marker:
-                raise SystemExit(f"{name}: the server said {line!r} instead of {marker!r}")
-            with QmpClient(qmp_path) as qmp:
-                snaps.append(Snapshot(qmp, proc.pid, ns, tap))
-            server.stdin.write("\n")
-            server.stdin.flush()
-        out = proc.stdout.read().decode(errors="replace")
-        proc.wait(timeout=120)
-        served = server.communicate(timeout=120)[0]
+        yield ns, tap, socket_path, qmp_path, backend
     finally:
-        for p in (proc, backend):
-            if p is not None and p.poll() is None:
-                p.kill()
-                p.wait()
+        if backend is not None and backend.poll() is None:
+            backend.kill()
+            backend.wait()
         subprocess.run(["ip", "netns", "del", ns], check=False)
+
+
+def pyhv_command(ns: str, options: list[str], tap: str, socket_path: str, qmp_path: str, *args: str) -> list[str]:
+    return ["ip", "netns", "exec", ns, sys.executable, "-m", "pyhv.cli", "run", "--machine", "pc", "--memory", "256M",
+            "--serial", "stdio", "--qmp", f"unix:{qmp_path}", *args,
+            *[o.format(tap=tap, socket=socket_path) for o in options]]
+
+
+def run_model(name: str, options: list[str], assets, n: int, workdir: Path) -> dict:
+    from pyhv.monitor.client import QmpClient
+    proc = None
+    with network(name, workdir) as (ns, tap, socket_path, qmp_path, _):
+        try:
+            server = subprocess.Popen(["ip", "netns", "exec", ns, sys.executable, "-c", SERVER, HOST, str(n)],
+                                      stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+            cmd = pyhv_command(ns, options, tap, socket_path, qmp_path,
+                               "--kernel", str(assets.bzimage), "--initrd", str(assets.initramfs_uncompressed),
+                               "--append", f"console=ttyS0 reboot=k panic=-1 {encode_command(guest_command(n))}")
+            proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, cwd=ROOT)
+            snaps = []
+            for marker in ("start", "end"):
+                line = server.stdout.readline().strip()
+                if line != marker:
+                    raise SystemExit(f"{name}: the server said {line!r} instead of {marker!r}")
+                with QmpClient(qmp_path) as qmp:
+                    snaps.append(Snapshot(qmp, proc.pid, ns, tap))
+                server.stdin.write("\n")
+                server.stdin.flush()
+            out = proc.stdout.read().decode(errors="replace")
+            proc.wait(timeout=120)
+            served = server.communicate(timeout=120)[0]
+        finally:
+            if proc is not None and proc.poll() is None:
+                proc.kill()
+                proc.wait()
     got = dict(line.split("=", 1) for line in (command_output(out) or "").splitlines() if "=" in line)
     host = dict(line.split("=", 1) for line in served.splitlines() if "=" in line)
     if got.get("ack") != "received" or int(got.get("rxlen", 0)) != n:
@@ -158,6 +182,117 @@ def run_model(name: str, options: list[str], assets, n: int, workdir: Path) -> d
             "handler_us_per_packet": (b.handling_ns - a.handling_ns) / 1e3 / packets,
             "host_to_guest_MBps": n / h2g / 1e6, "guest_to_host_MBps": n / g2h / 1e6,
             "packets_per_s": packets / (h2g + g2h)}
+
+
+# --- the project guest's workload: tests/guests/nicbench.c, a polling driver, N frames one way --------------------
+# Sends frames of EtherType 0x88b5 into the tap as fast as the socket takes them, until stdin closes.
+SENDER = textwrap.dedent("""
+    import socket, sys, time
+    s = socket.socket(socket.AF_PACKET, socket.SOCK_RAW)
+    s.bind((sys.argv[1], 0))
+    size = int(sys.argv[2])
+    frame = b"\\xff" * 6 + b"\\x02\\x00\\x00\\x00\\x00\\x01" + b"\\x88\\xb5" + bytes(size - 14)
+    s.setblocking(False)
+    sys.stdout.write("sending\\n"); sys.stdout.flush()
+    import select
+    while not select.select([sys.stdin], [], [], 0)[0]:
+        try:
+            s.send(frame)
+        except BlockingIOError:
+            time.sleep(0.0002)
+        except OSError:
+            time.sleep(0.001)
+""")
+SERIAL_DEVICES = ("serial", "debug-exit")       # the guest's own reporting, not the device under test
+
+
+def device_exits(stats: dict) -> dict[str, int]:
+    """Exits by reason, without the port I/O of the guest's serial console and debug exit."""
+    reasons = {k: v["count"] for k, v in stats["by_reason"].items()}
+    reporting = sum(v["count"] for v in stats.get("by_port", {}).values()
+                    if str(v.get("device", "")).startswith(SERIAL_DEVICES))
+    if "IO" in reasons:
+        reasons["IO"] -= reporting
+    return reasons
+
+
+def process_cpu(pid: int) -> tuple[float, float]:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    tick = os.sysconf("SC_CLK_TCK")
+    return int(fields[11]) / tick, (int(fields[11]) + int(fields[12])) / tick
+
+
+def run_frames(name: str, options: list[str], guest: Path, size: int, tx: bool, n: int, workdir: Path) -> dict:
+    """One model, one direction, one frame size: exits and pyhv CPU per frame and the rate, between the guest's
+    go and its result line (QMP statistics at the go, the --stats-json file at the end)."""
+    from pyhv.monitor.client import QmpClient
+    proc = sender = None
+    stats_path = workdir / f"{name}-{size}-{tx}.json"
+    with network(name, workdir) as (ns, tap, socket_path, qmp_path, backend):
+        try:
+            cmd = pyhv_command(ns, options, tap, socket_path, qmp_path, "--kernel", str(guest), "--stats-json",
+                               str(stats_path), "--append", f"mode={'tx' if tx else 'rx'} count={n} size={size}")
+            proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+                                    cwd=ROOT)
+            for line in proc.stdout:
+                if line.startswith(b"NICBENCH ready"):
+                    break
+            else:
+                raise SystemExit(f"{name}: the guest did not get ready")
+            if not tx:
+                sender = subprocess.Popen(["ip", "netns", "exec", ns, sys.executable, "-c", SENDER, tap, str(size)],
+                                          stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+                sender.stdout.readline()
+            with QmpClient(qmp_path) as qmp:
+                before = device_exits(qmp.execute("query-exit-stats"))
+                before_handling = qmp.execute("query-exit-stats")["handling_ns"]
+            cpu0 = [process_cpu(p.pid) for p in (proc, backend) if p is not None]
+            t0 = time.monotonic()
+            proc.stdin.write(b"g")
+            proc.stdin.flush()
+            result = b""
+            for line in proc.stdout:
+                if line.startswith(b"NICBENCH driver="):
+                    result = line
+                    break
+            elapsed = time.monotonic() - t0
+            cpu1 = [process_cpu(p.pid) for p in (proc, backend) if p is not None]
+            proc.stdin.close()
+            proc.wait(timeout=60)
+        finally:
+            for p in (proc, sender):
+                if p is not None and p.poll() is None:
+                    if p is sender:
+                        p.stdin.close()
+                        p.wait(timeout=10)
+                    else:
+                        p.kill()
+                        p.wait()
+    if not result:
+        raise SystemExit(f"{name}: the guest printed no result")
+    end = json.loads(stats_path.read_text())
+    after = device_exits(end)
+    return {"model": name, "size": size, "direction": "guest->host" if tx else "host->guest", "frames": n,
+            "exits_per_frame": {k: (v - before.get(k, 0)) / n for k, v in sorted(after.items())
+                                if v - before.get(k, 0) > 0},
+            "cpu_us_per_frame": sum(b[1] - a[1] for a, b in zip(cpu0, cpu1)) * 1e6 / n,
+            "handler_us_per_frame": (end["handling_ns"] - before_handling) / 1e3 / n,
+            "frames_per_s": n / elapsed, "MBps": n * size / elapsed / 1e6}
+
+
+def frames_table(results: list[dict]) -> str:
+    reasons = sorted({r for res in results for r in res["exits_per_frame"]})
+    head = (f"{'model':<18}{'dir':<13}{'bytes':>6}" + "".join(f"{r[:8] + '/frame':>15}" for r in reasons)
+            + f"{'CPU us/frame':>14}{'handler us':>12}{'frames/s':>10}{'MB/s':>8}")
+    lines = [f"Project guest (tests/guests/nicbench.c, a polling driver), {results[0]['frames']} frames one way per row, "
+             "pc machine, 1 vCPU (exits: those that reached pyhv, the guest's serial reporting left out; CPU: pyhv's "
+             "processes, user + system, back end included)", head]
+    for r in results:
+        lines.append(f"{r['model']:<18}{r['direction']:<13}{r['size']:>6}"
+                     + "".join(f"{r['exits_per_frame'].get(x, 0):>15.2f}" for x in reasons)
+                     + f"{r['cpu_us_per_frame']:>14.1f}{r['handler_us_per_frame']:>12.1f}"
+                     + f"{r['frames_per_s']:>10.0f}{r['MBps']:>8.2f}")
+    return "\n".join(lines)
 
 
 def table(results: list[dict], n: int) -> str:
@@ -202,9 +337,41 @@ def chart(results: list[dict], path: Path) -> bool:
     return True
 
 
+def frames_chart(results: list[dict], path: Path) -> bool:
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    rows = [r for r in results if r["size"] == 64]
+    names = sorted({r["model"] for r in rows}, key=[m for m, _ in MODELS].index)
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4))
+    x = range(len(names))
+    for k, direction in enumerate(("guest->host", "host->guest")):
+        by = {r["model"]: r for r in rows if r["direction"] == direction}
+        off = -0.2 + 0.4 * k
+        axes[0].bar([i + off for i in x], [sum(by[m]["exits_per_frame"].values()) if m in by else 0 for m in names],
+                    width=0.4, label=direction)
+        axes[1].bar([i + off for i in x], [by[m]["frames_per_s"] if m in by else 0 for m in names], width=0.4,
+                    label=direction)
+    axes[0].set_title("exits to pyhv per 64-byte frame")
+    axes[1].set_title("64-byte frames per second")
+    for ax in axes:
+        ax.set_xticks(list(x), names)
+        ax.tick_params(axis="x", rotation=30)
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(path)
+    return True
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--bytes", default="1M", help="TCP payload each way (default 1M)")
+    p.add_argument("--frames", type=int, default=5000, help="frames per row of the project-guest workload")
+    p.add_argument("--sizes", default="64,1500", help="frame sizes of the project-guest workload")
+    p.add_argument("--workload", choices=("tcp", "frames", "both"), default="both")
     p.add_argument("--out", default=str(ROOT / "bench" / "models"), help="OUT.txt, OUT.json (and OUT.svg)")
     p.add_argument("--models", default=",".join(m for m, _ in MODELS), help="comma-separated subset")
     args = p.parse_args()
@@ -212,20 +379,42 @@ def main() -> int:
         raise SystemExit("bench/models.py needs root (network namespaces and taps)")
     n = parse_size(args.bytes) if not args.bytes.isdigit() else int(args.bytes)
     wanted = args.models.split(",")
-    assets = build_guest("mini")
-    results = []
+    results: dict[str, list[dict]] = {"tcp": [], "frames": []}
+    texts = []
     with tempfile.TemporaryDirectory(prefix="pyhv-models-") as tmp:
-        for name, options in MODELS:
-            if name in wanted:
-                print(f"running {name} ...", file=sys.stderr, flush=True)
-                results.append(run_model(name, options, assets, n, Path(tmp)))
-    text = table(results, n)
+        if args.workload in ("frames", "both"):
+            sys.path.insert(0, str(ROOT / "tests" / "guests"))
+            from build import build_elf
+            guest = build_elf("nicbench")
+            for name, options in MODELS:
+                for size in map(int, args.sizes.split(",")):
+                    for tx in (True, False):
+                        if name in wanted:
+                            print(f"running {name}, {size}-byte frames, {'tx' if tx else 'rx'} ...", file=sys.stderr,
+                                  flush=True)
+                            results["frames"].append(run_frames(name, options, guest, size, tx, args.frames,
+                                                                Path(tmp)))
+            texts.append(frames_table(results["frames"]))
+        if args.workload in ("tcp", "both"):
+            assets = build_guest("mini")
+            for name, options in MODELS:
+                if name in wanted:
+                    print(f"running {name}, Linux TCP ...", file=sys.stderr, flush=True)
+                    results["tcp"].append(run_model(name, options, assets, n, Path(tmp)))
+            texts.append(table(results["tcp"], n))
+    text = "\n\n".join(texts)
     print(text)
     out = Path(args.out)
     out.with_suffix(".txt").write_text(text + "\n")
     out.with_suffix(".json").write_text(json.dumps(results, indent=1) + "\n")
-    if chart(results, out.with_suffix(".svg")):
-        print(f"chart: {out.with_suffix('.svg')}")
+    charts = []
+    if results["tcp"] and chart(results["tcp"], out.with_suffix(".svg")):
+        charts.append(out.with_suffix(".svg"))
+    frames_svg = out.with_name(out.name + "-frames.svg")
+    if results["frames"] and frames_chart(results["frames"], frames_svg):
+        charts.append(frames_svg)
+    if charts:
+        print("charts: " + ", ".join(map(str, charts)))
     else:
         print("(no chart: matplotlib is not installed; pip install -e '.[bench]')", file=sys.stderr)
     return 0

@@ -55,6 +55,30 @@ def build(name: str, defines: dict[str, int | str] | None = None) -> Path:
     return out
 
 
+ELF_LOAD_ADDRESS = 0x1000000         # where a C guest is linked: 16 MiB, as a Linux kernel
+
+
+def build_elf(name: str) -> Path:
+    """Compile tests/guests/<name>.c, freestanding, into a 64-bit ELF that pyhv boots with `--kernel` (entered at
+    its 64-bit entry point, in long mode at CPL 0); returns the path of the cached ELF."""
+    source = GUESTS / f"{name}.c"
+    if not source.exists():
+        raise FileNotFoundError(f"no test guest {source}")
+    out = cache_dir() / f"{name}-{hashlib.sha256(source.read_bytes()).hexdigest()[:16]}.elf"
+    if out.exists():
+        return out
+    with tempfile.TemporaryDirectory() as tmp:
+        elf = Path(tmp) / "guest.elf"
+        subprocess.run(["gcc", "-O2", "-ffreestanding", "-fno-stack-protector", "-fno-pic", "-no-pie",
+                        "-mno-red-zone", "-mgeneral-regs-only", "-fno-builtin", "-nostdlib", "-static",
+                        f"-Wl,-Ttext={ELF_LOAD_ADDRESS:#x}", "-Wl,-e,_start", "-Wl,--build-id=none",
+                        "-Wl,-z,max-page-size=4096", "-o", str(elf), str(source)], check=True)
+        tmp_out = out.with_suffix(".tmp")
+        tmp_out.write_bytes(elf.read_bytes())
+        tmp_out.replace(out)
+    return out
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("name")

@@ -509,6 +509,21 @@ def test_receiver_disabled(rig: Rig) -> None:
     assert rig.dev.receive(eth(MAC, b"z" * 60)) is False
 
 
+def test_enabling_the_receiver_after_posting_buffers_wakes_the_tap_side(rig: Rig) -> None:
+    """A driver may write RDT before RCTL.EN (nicbench does): the back end, which stopped reading while
+    the receiver was off, is told to resume by the enable as it would be by an RDT write."""
+    calls = []
+    rig.dev.rx_ready = lambda: calls.append(1)
+    rig.setup_rx()
+    rctl = rig.r32(e.RCTL)
+    rig.w32(e.RCTL, 0)
+    calls.clear()
+    rig.w32(e.RCTL, rctl)
+    assert calls == [1]
+    rig.w32(e.RCTL, rctl)                               # already on: nothing new to say
+    assert calls == [1]
+
+
 # --- hostile guest -----------------------------------------------------------------------------------------------
 def snapshot(rig: Rig) -> bytes:
     return rig.mem.read(0, RAM)

@@ -248,7 +248,7 @@ def _registers() -> tuple[Register, ...]:
         r(ICS, "ics", 4, read="_read_icr_peek", write="_write_ics"),
         r(IMS, "ims", 4, write="_write_ims"),
         r(IMC, "imc", 4, read="_read_zero", write="_write_imc"),
-        r(RCTL, "rctl", 4, writable=0x07FFFFFE),
+        r(RCTL, "rctl", 4, writable=0x07FFFFFE, write="_write_rctl"),
         r(FCTTV, "fcttv", 4, writable=0xFFFF),
         r(TXCW, "txcw", 4), r(RXCW, "rxcw", 4, writable=0),
         r(TCTL, "tctl", 4, reset=0x3F << 12 | 0x0F << 4 | E1000_TCTL_PSP, write="_write_tctl"),
@@ -590,6 +590,15 @@ class E1000(PciDevice):
         self._set(TCTL, value)
         if value & E1000_TCTL_EN and not old & E1000_TCTL_EN:
             self._transmit()
+
+    def _write_rctl(self, value: int) -> None:
+        old = self._get(RCTL)
+        self._set(RCTL, value & 0x07FFFFFE)
+        # a driver may post its buffers (RDT) before it enables the receiver: the tap side, which stopped
+        # reading while the receiver was off, must resume now
+        callback = self.rx_ready
+        if value & E1000_RCTL_EN and not old & E1000_RCTL_EN and callback is not None and self._rx_free() > 0:
+            callback()
 
     def _ring_writer(self, reg: Register, tx: bool) -> Callable[[int], None]:
         """Base, length and head registers: store, and restart a queue a bad ring had stopped."""
