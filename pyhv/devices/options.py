@@ -105,7 +105,6 @@ class NetConfig:
     model: str = "virtio"
     romfile: str | None = None      # e1000: an option ROM (iPXE's) in the card's expansion ROM BAR
 
-
     def validate(self) -> None:
         if not self.tap or len(self.tap.encode()) > 15 or "/" in self.tap or self.tap in (".", ".."):
             raise ConfigError(f"network interface: tap name {self.tap!r} is not a valid interface name",
