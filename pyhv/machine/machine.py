@@ -483,6 +483,8 @@ class Machine:
             if self.state != "running":
                 return
             self._pause_vcpus()
+            if self.poller is not None:
+                self.poller.pause()
         self._emit("STOP")
 
     def _pause_vcpus(self) -> None:
@@ -497,6 +499,8 @@ class Machine:
         with self._lifecycle:
             if self.state != "paused":
                 return
+            if self.poller is not None:
+                self.poller.resume()
             self._resume_vcpus()
         self._emit("RESUME")
 

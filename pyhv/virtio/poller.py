@@ -44,6 +44,9 @@ class QueuePoller:
         self.name = name
         self.stats = PollerStats(devices=[d.name for d in self.devices])
         self._stop = threading.Event()
+        self._running = threading.Event()          # cleared while the VM is paused
+        self._running.set()
+        self._look = threading.Lock()              # held for one pass over the devices
         self._thread: threading.Thread | None = None
         self._failed: set[str] = set()
         for device in self.devices:
@@ -56,22 +59,40 @@ class QueuePoller:
 
     def stop(self) -> None:
         self._stop.set()
+        self._running.set()                        # a paused poller must see the stop too
         if self._thread is not None:
             self._thread.join(timeout=5)
             self._thread = None
+
+    def pause(self) -> None:
+        """Stop serving until resume(); when this returns no pass is in progress, so the devices do not touch guest
+        memory on the poller's behalf (the VM is paused: QMP `stop`, a snapshot)."""
+        self._running.clear()
+        with self._look:
+            pass
+
+    def resume(self) -> None:
+        self._running.set()
 
     def _run(self) -> None:
         last_work = time.monotonic_ns()
         delay = 0.0
         while not self._stop.is_set():
+            if not self._running.is_set():
+                self._running.wait()
+                last_work, delay = time.monotonic_ns(), 0.0
+                continue
             work = False
-            for device in self.devices:
-                try:
-                    work |= device.poll()
-                except Exception:                   # a device bug must not stop the others' polling
-                    if device.name not in self._failed:
-                        self._failed.add(device.name)
-                        log.exception("%s: polling failed (logged once)", device.name)
+            with self._look:
+                if not self._running.is_set():
+                    continue
+                for device in self.devices:
+                    try:
+                        work |= device.poll()
+                    except Exception:                   # a device bug must not stop the others' polling
+                        if device.name not in self._failed:
+                            self._failed.add(device.name)
+                            log.exception("%s: polling failed (logged once)", device.name)
             self.stats.looks += 1
             if work:
                 self.stats.busy_looks += 1

@@ -56,3 +56,32 @@ def test_poller_serves_a_request_nobody_notified_and_survives_a_failing_device(t
     finally:
         poller.stop()
         blk.close()
+
+
+def test_a_paused_poller_serves_nothing_until_resumed(tmp_path):
+    """QMP `stop` pauses the poller with the vCPUs: a request the guest made available stays untouched (no used
+    entry, no interrupt) until `cont`, and pause() returns only once no pass is in progress."""
+    image = tmp_path / "disk.raw"
+    image.write_bytes(b"\xcd" * 4096)
+    blk = VirtioBlk(str(image))
+    mem = FakeMemory()
+    d = RingDriver(mem, size=16)
+    q = d.queue(event_idx=True)
+    interrupts = []
+    poller = QueuePoller([blk])
+    blk.activate(mem, [q], interrupts.append, blk.device_features())
+    poller.start()
+    try:
+        poller.pause()
+        looks = poller.stats.looks
+        header = (0).to_bytes(4, "little") + bytes(4) + (0).to_bytes(8, "little")
+        head = d.add([(header, False), (512, True), (1, True)])
+        d.publish(head)
+        time.sleep(0.2)
+        assert d.take_used() == [] and interrupts == [] and poller.stats.looks == looks
+        poller.resume()
+        assert wait_for(lambda: bool(interrupts)), "the resumed poller never served the request"
+        assert [h for h, _ in d.take_used()] == [head]
+    finally:
+        poller.stop()
+        blk.close()
