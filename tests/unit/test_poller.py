@@ -29,22 +29,31 @@ def wait_for(cond, timeout: float = 10.0) -> bool:
     return False
 
 
-def test_poller_serves_a_request_nobody_notified_and_survives_a_failing_device(tmp_path):
+READ_SECTOR_0 = (0).to_bytes(4, "little") + bytes(4) + (0).to_bytes(8, "little")   # VIRTIO_BLK_T_IN, sector 0
+
+
+def polled_disk(tmp_path, *others):
+    """A virtio-blk on a 4 KiB image behind a started poller (with `others` before it), its ring driver and the
+    interrupts it raised."""
     image = tmp_path / "disk.raw"
     image.write_bytes(b"\xab" * 4096)
     blk = VirtioBlk(str(image))
     mem = FakeMemory()
     d = RingDriver(mem, size=16)
     q = d.queue(event_idx=True)
-    interrupts = []
-    flaky = Flaky()
-    poller = QueuePoller([flaky, blk])
+    interrupts: list[int] = []
+    poller = QueuePoller([*others, blk])
     assert blk.polled
     blk.activate(mem, [q], interrupts.append, blk.device_features())
     poller.start()
+    return blk, d, interrupts, poller
+
+
+def test_poller_serves_a_request_nobody_notified_and_survives_a_failing_device(tmp_path):
+    flaky = Flaky()
+    blk, d, interrupts, poller = polled_disk(tmp_path, flaky)
     try:
-        header = (0).to_bytes(4, "little") + bytes(4) + (0).to_bytes(8, "little")   # VIRTIO_BLK_T_IN, sector 0
-        head = d.add([(header, False), (512, True), (1, True)])
+        head = d.add([(READ_SECTOR_0, False), (512, True), (1, True)])
         d.publish(head)                             # no notify() call: the poller must find it
         assert wait_for(lambda: d.take_used() != [] or bool(interrupts)), "the poller never served the request"
         assert blk.notifications == [0]
@@ -61,21 +70,11 @@ def test_poller_serves_a_request_nobody_notified_and_survives_a_failing_device(t
 def test_a_paused_poller_serves_nothing_until_resumed(tmp_path):
     """QMP `stop` pauses the poller with the vCPUs: a request the guest made available stays untouched (no used
     entry, no interrupt) until `cont`, and pause() returns only once no pass is in progress."""
-    image = tmp_path / "disk.raw"
-    image.write_bytes(b"\xcd" * 4096)
-    blk = VirtioBlk(str(image))
-    mem = FakeMemory()
-    d = RingDriver(mem, size=16)
-    q = d.queue(event_idx=True)
-    interrupts = []
-    poller = QueuePoller([blk])
-    blk.activate(mem, [q], interrupts.append, blk.device_features())
-    poller.start()
+    blk, d, interrupts, poller = polled_disk(tmp_path)
     try:
         poller.pause()
         looks = poller.stats.looks
-        header = (0).to_bytes(4, "little") + bytes(4) + (0).to_bytes(8, "little")
-        head = d.add([(header, False), (512, True), (1, True)])
+        head = d.add([(READ_SECTOR_0, False), (512, True), (1, True)])
         d.publish(head)
         time.sleep(0.2)
         assert d.take_used() == [] and interrupts == [] and poller.stats.looks == looks
