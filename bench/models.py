@@ -72,6 +72,13 @@ SERVER = textwrap.dedent("""
 """)
 
 
+def process_cpu(pid: int) -> tuple[float, float]:
+    """A process's user and user + system CPU seconds so far (/proc/PID/stat)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    tick = os.sysconf("SC_CLK_TCK")
+    return int(fields[11]) / tick, (int(fields[11]) + int(fields[12])) / tick
+
+
 class Snapshot:
     """Exit counts by reason, handler time, pyhv's CPU time and the tap's packet counters at one moment."""
 
@@ -79,9 +86,7 @@ class Snapshot:
         stats = qmp.execute("query-exit-stats")
         self.reasons = {k: v["count"] for k, v in stats["by_reason"].items()}
         self.handling_ns = stats["handling_ns"]
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-        tick = os.sysconf("SC_CLK_TCK")
-        self.user_s, self.cpu_s = int(fields[11]) / tick, (int(fields[11]) + int(fields[12])) / tick
+        self.user_s, self.cpu_s = process_cpu(pid)
         self.packets = sum(int(subprocess.run(["ip", "netns", "exec", ns, "cat",
                                                f"/sys/class/net/{tap}/statistics/{k}"],
                                               capture_output=True, text=True, check=True).stdout)
@@ -216,12 +221,6 @@ def device_exits(stats: dict) -> dict[str, int]:
     return reasons
 
 
-def process_cpu(pid: int) -> tuple[float, float]:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    tick = os.sysconf("SC_CLK_TCK")
-    return int(fields[11]) / tick, (int(fields[11]) + int(fields[12])) / tick
-
-
 def run_frames(name: str, options: list[str], guest: Path, size: int, tx: bool, n: int, workdir: Path) -> dict:
     """One model, one direction, one frame size: exits and pyhv CPU per frame and the rate, between the guest's
     go and its result line (QMP statistics at the go, the --stats-json file at the end)."""
@@ -244,8 +243,8 @@ def run_frames(name: str, options: list[str], guest: Path, size: int, tx: bool, 
                                           stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
                 sender.stdout.readline()
             with QmpClient(qmp_path) as qmp:
-                before = device_exits(qmp.execute("query-exit-stats"))
-                before_handling = qmp.execute("query-exit-stats")["handling_ns"]
+                start = qmp.execute("query-exit-stats")
+            before, before_handling = device_exits(start), start["handling_ns"]
             cpu0 = [process_cpu(p.pid) for p in (proc, backend) if p is not None]
             t0 = time.monotonic()
             proc.stdin.write(b"g")

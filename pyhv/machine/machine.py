@@ -294,11 +294,16 @@ class Machine:
             return False
         v.set_sregs(sregs)
         v.set_regs(regs)
-        count = vcpu.stats.fallbacks["pm-interrupt"] = vcpu.stats.fallbacks.get("pm-interrupt", 0) + 1
-        if count == 1:
+        if self._count_fallback(vcpu, "pm-interrupt") == 1:
             log.info("vCPU %d: PVM cannot deliver interrupts in protected mode: vector %#x delivered by pyhv; "
                      "further ones are counted in --stats", vcpu.id, vector)
         return True
+
+    @staticmethod
+    def _count_fallback(vcpu: VcpuThread, key: str) -> int:
+        """Count one piece of work pyhv did in KVM's place (--stats "fallbacks"); the new count."""
+        count = vcpu.stats.fallbacks[key] = vcpu.stats.fallbacks.get(key, 0) + 1
+        return count
 
     def _on_internal_error(self, vcpu: VcpuThread, reason: int) -> bool:
         internal = vcpu.vcpu.run.internal
@@ -312,8 +317,7 @@ class Machine:
                 except UnsupportedInstruction as e:
                     log.debug("cannot complete %s: %s", code.hex(" "), e)
                 else:
-                    count = vcpu.stats.fallbacks[name] = vcpu.stats.fallbacks.get(name, 0) + 1
-                    if count == 1:
+                    if self._count_fallback(vcpu, name) == 1:
                         log.info("vCPU %d: KVM's emulator failed on %s: completed by pyhv; further ones are "
                                  "counted in --stats", vcpu.id, name)
                     return True
@@ -329,8 +333,7 @@ class Machine:
         if done is None:
             return self.crash(vcpu, f"unexpected debug exit at {vcpu.vcpu.run.debug.pc:#x}")
         if done in ("syscall", "fault"):
-            key = "syscall" if done == "syscall" else "page-fault pass-through"
-            vcpu.stats.fallbacks[key] = vcpu.stats.fallbacks.get(key, 0) + 1
+            self._count_fallback(vcpu, "syscall" if done == "syscall" else "page-fault pass-through")
         return True
 
     def _poll_syscall_repair(self) -> None:

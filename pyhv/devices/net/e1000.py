@@ -594,10 +594,13 @@ class E1000(PciDevice):
     def _write_rctl(self, value: int) -> None:
         old = self._get(RCTL)
         self._set(RCTL, value & 0x07FFFFFE)
-        # a driver may post its buffers (RDT) before it enables the receiver: the tap side, which stopped
-        # reading while the receiver was off, must resume now
+        if value & E1000_RCTL_EN and not old & E1000_RCTL_EN:
+            self._wake_receiver()       # buffers posted (RDT) before the receiver was on: the tap side resumes now
+
+    def _wake_receiver(self) -> None:
+        """Tell the back end there are receive buffers again (it stops reading the tap while there are none)."""
         callback = self.rx_ready
-        if value & E1000_RCTL_EN and not old & E1000_RCTL_EN and callback is not None and self._rx_free() > 0:
+        if callback is not None and self._rx_free() > 0:
             callback()
 
     def _ring_writer(self, reg: Register, tx: bool) -> Callable[[int], None]:
@@ -616,9 +619,7 @@ class E1000(PciDevice):
         self._set(RDT, value & 0xFFFF)
         if self.state.rx_stopped.startswith("rdt"):
             self.state.rx_stopped = ""
-        callback = self.rx_ready
-        if callback is not None and self._rx_free() > 0:
-            callback()
+        self._wake_receiver()
 
     def _write_tdt(self, value: int) -> None:
         self._set(TDT, value & 0xFFFF)
