@@ -21,6 +21,7 @@ MAX_FIRMWARE = 16 * MiB
 MACHINES = ("microvm", "pc")
 CPU_MODELS = ("auto", "host", "nested-safe")
 BOOT_ENTRIES = ("auto", "pvh", "linux64")
+IOMMU_MODELS = ("intel",)
 ON_RESET = ("exit", "restart")
 
 _SIZE_RE = re.compile(r"^\s*(\d+)\s*([kKmMgGtT]?)(i?[bB])?\s*$")
@@ -75,6 +76,7 @@ class VmConfig:
     msix: bool = True               # PCI devices offer MSI-X (False: INTx only)
     acpi: bool = True               # pyhv's ACPI tables describe the machine (False: the MP table, as before)
     sidecore: bool = False          # a thread of its own polls the virtio-blk/net queues (virtio/poller.py)
+    iommu: str | None = None        # "intel": a VT-d DMA remapping unit in front of every PCI device (pc)
 
     def validate(self) -> "VmConfig":
         if self.machine not in MACHINES:
@@ -96,6 +98,8 @@ class VmConfig:
         if self.on_reset not in ON_RESET:
             raise ConfigError(f"--on-reset {self.on_reset!r}: choose exit or restart")
         specs = self.device_specs()
+        if self.iommu is not None:
+            self._validate_iommu(specs)
         for spec in specs:
             if spec.type.needs_shared_memory and self.memory_backend != "memfd":
                 raise ConfigError(f"{spec.text.split(',')[0]}: the back end needs shared guest memory",
@@ -119,6 +123,18 @@ class VmConfig:
         if self.uuid is not None:
             self.uuid = _check_uuid(self.uuid)
         return self
+
+    def _validate_iommu(self, specs: list[DeviceSpec]) -> None:
+        if self.iommu not in IOMMU_MODELS:
+            raise ConfigError(f"--iommu {self.iommu!r}: choose {', '.join(IOMMU_MODELS)}")
+        if self.machine != "pc":
+            raise ConfigError(f"--iommu {self.iommu} needs --machine pc", "the microvm machine has no PCI bus")
+        if not self.acpi:
+            raise ConfigError(f"--iommu {self.iommu} needs --acpi on", "the guest finds the IOMMU in ACPI's DMAR table")
+        for spec in specs:
+            if spec.type.needs_shared_memory:
+                raise ConfigError(f"{spec.text.split(',')[0]} cannot sit behind --iommu {self.iommu}",
+                                  "its vhost-user back end would need the IOTLB protocol, which pyhv does not have yet")
 
     def device_specs(self) -> list[DeviceSpec]:
         """Every device of this VM from the registry: the --drive disks, the --nic cards, then each --device."""

@@ -9,7 +9,8 @@ from pyhv.virtio.queue import VIRTQ_DESC_F_INDIRECT, VIRTQ_DESC_F_NEXT, VIRTQ_DE
 
 
 class FakeMemory:
-    """Guest RAM [base, base + size) in a bytearray, with GuestMemory's view() contract."""
+    """Guest RAM [base, base + size) in a bytearray, with GuestMemory's view() contract (the driver works on a real
+    `GuestMemory` too)."""
 
     def __init__(self, size: int = 1 << 20, base: int = 0) -> None:
         self.buf = bytearray(size)
@@ -100,17 +101,17 @@ class RingDriver:
         self._u16(self.avail + 4 + 2 * self.size, value)
 
     def used_flags(self) -> int:
-        return struct.unpack_from("<H", self.mem.buf, self.used - self.mem.base)[0]
+        return struct.unpack("<H", self.mem.read(self.used, 2))[0]
 
     def avail_event(self) -> int:
-        return struct.unpack_from("<H", self.mem.buf, self.used - self.mem.base + 4 + 8 * self.size)[0]
+        return struct.unpack("<H", self.mem.read(self.used + 4 + 8 * self.size, 2))[0]
 
     def take_used(self) -> list[tuple[int, int]]:
         """New used elements (id, len) since the last call."""
-        idx = struct.unpack_from("<H", self.mem.buf, self.used - self.mem.base + 2)[0]
+        idx = struct.unpack("<H", self.mem.read(self.used + 2, 2))[0]
         out = []
         while self.used_seen != idx:
             slot = self.used_seen % self.size
-            out.append(struct.unpack_from("<II", self.mem.buf, self.used - self.mem.base + 4 + 8 * slot))
+            out.append(struct.unpack("<II", self.mem.read(self.used + 4 + 8 * slot, 8)))
             self.used_seen = (self.used_seen + 1) & 0xFFFF
         return out

@@ -78,6 +78,11 @@ def _add_run_options(p: argparse.ArgumentParser) -> None:
                          "virtio-mmio on microvm, the PCI root bridge on pc) and a power button (QMP "
                          "system_powerdown); firmware gets them through fw_cfg. off: an MP table (and "
                          "virtio_mmio.device= on the kernel command line); SeaBIOS then writes its own")
+    hw.add_argument("--iommu", choices=("intel",),
+                    help="intel: a VT-d DMA remapping unit (DMAR table, registers at 0xfed90000) in front of every "
+                         "PCI device, as QEMU's -device intel-iommu without interrupt remapping (pc only; Linux: "
+                         "intel_iommu=on). virtio devices then offer VIRTIO_F_ACCESS_PLATFORM (QEMU's "
+                         "iommu_platform=on) and must use it. Default: none, devices reach guest RAM directly")
     hw.add_argument("--nic", action="append", default=[], metavar="tap,ifname=NAME[,mac=MAC][,model=virtio|e1000]",
                     help="a network card on tap NAME (created if missing, which needs root): virtio-net (default), "
                          "or an e1000 on pc; repeat for more cards")
@@ -180,6 +185,7 @@ def config_from_args(args: argparse.Namespace) -> "VmConfig":
         emulation_fallbacks=not args.no_emulation_fallbacks, name=args.name, uuid=args.uuid,
         drives=[DriveConfig.parse(d) for d in args.drive], nets=[NetConfig.parse(n) for n in args.nic],
         ioeventfd=not args.no_ioeventfd, msix=not args.no_msix, acpi=args.acpi == "on", sidecore=args.sidecore,
+        iommu=args.iommu,
     )
     config = apply_file(config, args, explicit_options(getattr(args, "argv", [])))
     if config.kernel is None and config.firmware is None:

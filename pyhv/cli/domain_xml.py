@@ -15,6 +15,7 @@ pyhv reads the part of libvirt's format that it can honour:
               <target dev='vdX' bus='virtio'/> <readonly/> <serial>
         <interface type='ethernet'> <target dev='TAP'/> <mac address=/> <model type='virtio|e1000'/> <rom file=/>
         <serial|console type='pty|file|stdio|unix|null'> <source path=/> <target port='0'/>
+        <iommu model='intel'/>
 
 Everything else is collected while parsing (each element or attribute that no rule read) and reported in one
 warning, never silently dropped. Values pyhv cannot honour (a qcow2 disk, a SATA bus, a q35 machine) are errors
@@ -278,6 +279,11 @@ def _devices(r: _Reader, devices: ET.Element, config: VmConfig) -> None:
         config.drives.append(_disk(r, disk))
     for iface in r.children(devices, "interface"):
         config.nets.append(_interface(r, iface))
+    iommus = r.children(devices, "iommu")
+    if len(iommus) > 1:
+        raise r.error(iommus[1], "a second IOMMU: pyhv has one remapping unit for all devices")
+    if iommus:
+        config.iommu = r.attr(iommus[0], "model", allowed=("intel",), required=True)
     serials = r.children(devices, "serial")
     if len(serials) > 1:
         r.used.difference_update(id(s) for s in serials[1:])   # one UART: the others are reported
@@ -426,6 +432,8 @@ def config_to_domain_xml(config: VmConfig) -> str:
             mode = " mode='bind'" if kind == "unix" else ""
             lines.append(f"      <source{mode} path={quoteattr(config.serial.path)}/>")
         lines += ["      <target port='0'/>", "    </serial>"]
+    if config.iommu:
+        lines.append(f"    <iommu model={quoteattr(config.iommu)}/>")
     lines += ["  </devices>", "</domain>", ""]
     return "\n".join(lines)
 

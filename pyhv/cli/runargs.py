@@ -35,7 +35,7 @@ OPTION_FIELDS = {"machine": "machine", "memory": "memory", "cpus": "cpus", "memo
                  "drive": "drives", "nic": "nets", "cpu": "cpu_model", "boot_entry": "boot_entry",
                  "no_pvm_workarounds": "pvm_workarounds", "pvm_syscall_fix": "pvm_syscall_fix",
                  "no_emulation_fallbacks": "emulation_fallbacks", "no_ioeventfd": "ioeventfd",
-                 "no_msix": "msix", "acpi": "acpi", "sidecore": "sidecore"}
+                 "no_msix": "msix", "acpi": "acpi", "sidecore": "sidecore", "iommu": "iommu"}
 LIST_FIELDS = ("devices", "drives", "nets")
 
 
@@ -127,6 +127,8 @@ def config_to_args(config: VmConfig) -> list[str]:
         opt("--boot-entry", config.boot_entry)
     if config.acpi != default.acpi:
         opt("--acpi", "on" if config.acpi else "off")
+    if config.iommu is not None:
+        opt("--iommu", config.iommu)
     if config.pvm_syscall_fix != default.pvm_syscall_fix:
         opt("--pvm-syscall-fix", config.pvm_syscall_fix)
     for flag, on in (("--log-post", config.log_post), ("--no-accounting", not config.accounting),
@@ -139,7 +141,7 @@ def config_to_args(config: VmConfig) -> list[str]:
     known = {"name", "uuid", "machine", "memory", "cpus", "memory_backend", "firmware", "kernel", "initrd",
              "append", "drives", "nets", "devices", "serial", "debugcon", "on_reset", "log_post", "accounting",
              "cpu_model", "boot_entry", "pvm_workarounds", "pvm_syscall_fix", "emulation_fallbacks",
-             "ioeventfd", "msix", "acpi", "sidecore"}
+             "ioeventfd", "msix", "acpi", "sidecore", "iommu"}
     missed = {f.name for f in fields(VmConfig)} - known
     if missed:                          # a field added to VmConfig without a command-line form here
         raise ConfigError(f"cannot express config fields {', '.join(sorted(missed))} as pyhv run options")

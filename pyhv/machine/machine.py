@@ -576,6 +576,12 @@ class Machine:
             out["sidecore"] = self.poller.describe()
         return out
 
+    def iommu_stats(self) -> dict | None:
+        """The IOMMU's state and, per device behind it, translations, IOTLB hits and misses and faults (None: no
+        IOMMU)."""
+        iommu = getattr(self.board, "iommu", None)
+        return iommu.describe() if iommu is not None else None
+
     def port_owner(self, port: int) -> str:
         fr = self.io.view.port_table[port]
         if fr.region is None:
@@ -604,6 +610,13 @@ class Machine:
         if "sidecore" in virtio:
             s = virtio["sidecore"]
             extra.append(f"sidecore poller: {s['looks']} looks, {s['busy_looks']} with work, {s['sleeps']} sleeps")
+        iommu = self.iommu_stats()
+        if iommu is not None:
+            extra.append(f"IOMMU: translation {'on' if iommu['translation'] else 'off'}, invalidations "
+                         + (", ".join(f"{k} {v}" for k, v in iommu["invalidations"].items()) or "none"))
+            for name, c in iommu["devices"].items():
+                extra.append(f"IOMMU {name}: {c['translations']} translations, IOTLB {c['iotlb-hits']} hits "
+                             f"{c['iotlb-misses']} misses, {c['faults']} faults")
         post = self.devices.get("post")
         if post is not None:
             extra.append(f"POST codes: {post.state.writes} writes, last {post.state.last:#04x}")

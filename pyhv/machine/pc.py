@@ -5,6 +5,8 @@ unmodified firmware takes it for an i440FX PC (QEMU's `-M pc`):
     00:01.0  PIIX3 ISA bridge (PIRQ A-D routing to ISA IRQs; ELCR in KVM's 8259s)
     00:01.3  PIIX4 ACPI PM (PM timer, PM1 control: power off)
     00:02.0+ virtio devices (one slot each), INTx through PIRQ (slot - 1 + pin - 1) % 4, or MSI-X
+    VT-d     with --iommu intel: a DMA remapping unit at INTEL_IOMMU_ADDR (DMAR table, INCLUDE_PCI_ALL); every
+             DMA-capable function gets a `TranslatedDma` for its source-id and virtio offers ACCESS_PLATFORM
     fw_cfg   ports 0x510/0x511 and DMA 0x514: signature, RAM size, e820, CPUs, boot order, files, and pyhv's
              ACPI tables as QEMU gives them (etc/acpi/rsdp, etc/acpi/tables, etc/table-loader), which the
              firmware installs itself: FADT with the PIIX4 PM block at FIRMWARE_PM_BASE, MADT, DSDT with
@@ -33,7 +35,7 @@ from pyhv.devices.port92 import Port92
 from pyhv.machine.board import Board
 from pyhv.machine.irq_routing import GsiRouter
 from pyhv.virtio.device import VIRTIO_ID_BLOCK
-from pyhv.arch.x86.layout import FOUR_GIB, KVM_RESERVED_SIZE, KVM_RESERVED_START
+from pyhv.arch.x86.layout import FOUR_GIB, INTEL_IOMMU_ADDR, KVM_RESERVED_SIZE, KVM_RESERVED_START
 
 if TYPE_CHECKING:
     from pyhv.arch.x86.acpi.builder import AcpiConfig
@@ -66,7 +68,12 @@ class PcBoard(Board):
                           sci=machine.irq_line(SCI_IRQ))
         self.bus.plug(self.pm, PIIX3_SLOT, PIIX4_PM_FUNCTION)
 
-        self.fw_cfg = machine.attach(FwCfg("fw_cfg", machine.guest_memory))
+        self.iommu = None
+        if machine.config.iommu == "intel":
+            from pyhv.devices.iommu.intel_vtd import IntelIommu
+            self.iommu = machine.attach(IntelIommu("iommu", INTEL_IOMMU_ADDR, machine.guest_memory,
+                                                   send_msi=machine.vm.signal_msi))
+        self.fw_cfg = machine.attach(FwCfg("fw_cfg", machine.guest_memory))   # not behind the IOMMU (as QEMU)
         self.port92 = machine.attach(Port92("port92", on_reset=machine._guest_reset))
         self.boot_devices: list[tuple[int, PciDevice]] = []     # (boot index, device) for `bootorder`
         machine.devices["pci"] = self.bus
@@ -100,6 +107,8 @@ class PcBoard(Board):
     # --- PCI devices ----------------------------------------------------------------------------------------------
     def plug(self, device: PciDevice, slot: int | None = None, boot_index: int | None = None) -> PciDevice:
         self.bus.plug(device, self.bus.free_slot(FIRST_DEVICE_SLOT) if slot is None else slot)
+        if self.iommu is not None and hasattr(device, "attach_dma"):      # a function that does DMA
+            device.attach_dma(self.iommu.dma_space(device.name, self.bus.number << 8 | device.devfn))
         if boot_index is not None:
             self.boot_devices.append((boot_index, device))
             self._write_bootorder()
@@ -136,9 +145,12 @@ class PcBoard(Board):
     # --- ACPI ----------------------------------------------------------------------------------------------------
     def _acpi(self) -> "AcpiConfig":
         from pyhv.arch.x86.acpi.builder import AcpiConfig, PciHostConfig
+        from pyhv.arch.x86.acpi.tables import Dmar
+        from pyhv.devices.iommu.intel_vtd import HOST_ADDRESS_WIDTH
+        extra = [Dmar(HOST_ADDRESS_WIDTH, [INTEL_IOMMU_ADDR])] if self.iommu is not None else []
         return AcpiConfig(machine="pc", vcpus=self.machine.config.cpus,
                           pci=PciHostConfig(link_gsis=LINK_GSIS), pm_base=FIRMWARE_PM_BASE, sci_int=SCI_IRQ,
-                          serial_ports=[(0x3F8, 4)])
+                          serial_ports=[(0x3F8, 4)], extra_tables=extra)
 
     def acpi_config(self) -> "AcpiConfig | None":
         """The tables for a directly booted kernel (in RAM); `prepare_direct_boot` sets the board up as they say."""

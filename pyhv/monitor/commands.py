@@ -270,6 +270,15 @@ def pmemsave(server: "QmpServer", val: int, size: int, filename: str) -> dict:
     return {}
 
 
+@command("query-iommu")
+def query_iommu(server: "QmpServer") -> dict:
+    """pyhv's: the VT-d unit's state and its counters per device (translations, IOTLB hits/misses, faults)."""
+    stats = server.machine.iommu_stats()
+    if stats is None:
+        raise QmpCommandError("this VM has no IOMMU (start it with --iommu intel)")
+    return stats
+
+
 @command("query-exit-stats")
 def query_exit_stats(server: "QmpServer") -> dict:
     machine = server.machine

@@ -213,6 +213,7 @@ class VirtioBlk(VirtioDevice):
     device_id = VIRTIO_ID_BLOCK
     pollable = True
     name = "virtio-blk"
+    HANDLES_DMA_FAULTS = True
 
     def __init__(self, path: str, readonly: bool = False, cache: str = "writeback", serial: str | None = None,
                  num_queues: int = 1, queue_size: int = DEFAULT_QUEUE_SIZE, name: str | None = None) -> None:
@@ -226,7 +227,7 @@ class VirtioBlk(VirtioDevice):
         self.queue_sizes = (queue_size,) * num_queues
         self.seg_max = queue_size - 2
         self.stats = {"read": 0, "write": 0, "flush": 0, "discard": 0, "write_zeroes": 0, "get_id": 0,
-                      "error": 0, "unsupported": 0, "bytes_read": 0, "bytes_written": 0}
+                      "error": 0, "unsupported": 0, "bytes_read": 0, "bytes_written": 0, "dma-fault": 0}
         self._config = self._build_config()
 
     @classmethod
@@ -278,6 +279,13 @@ class VirtioBlk(VirtioDevice):
 
     def execute(self, chain: DescriptorChain) -> int:
         """Carry out one request; returns the number of bytes written into the chain (data and status)."""
+        if chain.fault is not None:             # the IOMMU refused a buffer: fail the request, touch nothing else
+            self.stats["dma-fault"] += 1
+            if chain.fault_at_end or not chain.writable:
+                return 0
+            last = chain.writable[-1]
+            last[len(last) - 1] = VIRTIO_BLK_S_IOERR
+            return 1
         if chain.writable_len < 1:
             self.warn_once("no-status", "request without a device-writable status byte (dropped)")
             self.stats["error"] += 1

@@ -97,6 +97,8 @@ class VirtioDevice:
     name: str = "virtio"
     pollable: ClassVar[bool] = False       # --sidecore may poll it (its `poll` serves every queue it has)
 
+    HANDLES_DMA_FAULTS = False      # True: execute() sees chains with a buffer the IOMMU refused (`chain.fault`)
+
     def __init__(self, name: str | None = None) -> None:
         if name is not None:
             self.name = name
@@ -144,6 +146,9 @@ class VirtioDevice:
             self.driver_features = driver_features
             self.broken = False
             self.notifications = [0] * len(self.queues)
+            for queue in self.queues:
+                if queue is not None:
+                    queue.faults_to_device = self.HANDLES_DMA_FAULTS
             if self.polled:                 # before the driver, told DRIVER_OK, posts its first buffers
                 for queue in self.queues:
                     if queue is not None:

@@ -32,7 +32,7 @@ from pyhv.devices.registers import Register, RegisterBank
 from pyhv.memory import MemoryRegion
 from pyhv.virtio.device import (
     VIRTIO_CONFIG_S_DRIVER_OK, VIRTIO_CONFIG_S_FEATURES_OK, VIRTIO_CONFIG_S_NEEDS_RESET, VIRTIO_F_EVENT_IDX,
-    VIRTIO_F_INDIRECT_DESC, VIRTIO_F_VERSION_1,
+    VIRTIO_F_ACCESS_PLATFORM, VIRTIO_F_INDIRECT_DESC, VIRTIO_F_VERSION_1,
     VIRTIO_ID_BLOCK, VIRTIO_ID_CONSOLE, VIRTIO_ID_NET, IoEventFdSink, VirtioDevice,
 )
 from pyhv.virtio.queue import VirtQueue, VirtQueueError
@@ -148,6 +148,7 @@ class VirtioPciDevice(PciDevice):
         super().__init__(name)
         self.backend = backend
         self.memory = memory
+        self.access_platform = False            # behind an IOMMU: VIRTIO_F_ACCESS_PLATFORM offered and required
         self.iothread = iothread
         self.tlock = threading.RLock()
         nq = len(backend.queue_sizes)
@@ -280,9 +281,18 @@ class VirtioPciDevice(PciDevice):
     def _read_zero(self) -> int:
         return 0
 
+    def attach_dma(self, space) -> None:
+        """Put the device behind an IOMMU: its DMA goes through `space` (a `TranslatedDma`), and it offers
+        VIRTIO_F_ACCESS_PLATFORM so that the driver gives it I/O virtual addresses (the DMA API in Linux)."""
+        self.memory = space
+        self.access_platform = True
+
+    def device_features(self) -> int:
+        return self.backend.device_features() | (1 << VIRTIO_F_ACCESS_PLATFORM if self.access_platform else 0)
+
     def _read_device_feature(self) -> int:
         sel = self.vstate.device_feature_select
-        return (self.backend.device_features() >> (32 * sel)) & 0xFFFFFFFF if sel < 2 else 0
+        return (self.device_features() >> (32 * sel)) & 0xFFFFFFFF if sel < 2 else 0
 
     def _read_driver_feature(self) -> int:
         sel = self.vstate.driver_feature_select
@@ -325,9 +335,14 @@ class VirtioPciDevice(PciDevice):
                 return
             old = st.device_status
             if value & VIRTIO_CONFIG_S_FEATURES_OK and not old & VIRTIO_CONFIG_S_FEATURES_OK:
-                offered = self.backend.device_features()
+                offered = self.device_features()
                 if st.driver_features & ~offered or not st.driver_features >> VIRTIO_F_VERSION_1 & 1:
                     value &= ~VIRTIO_CONFIG_S_FEATURES_OK       # the driver reads it back and gives up
+                elif self.access_platform and not st.driver_features >> VIRTIO_F_ACCESS_PLATFORM & 1:
+                    # a driver that would hand out guest-physical addresses past the IOMMU (§6.1): refused
+                    self.backend.warn_once("access-platform", "driver did not accept VIRTIO_F_ACCESS_PLATFORM "
+                                           "behind the IOMMU: FEATURES_OK refused")
+                    value &= ~VIRTIO_CONFIG_S_FEATURES_OK
             st.device_status = value | (old & VIRTIO_CONFIG_S_NEEDS_RESET)
             if value & VIRTIO_CONFIG_S_DRIVER_OK and not old & VIRTIO_CONFIG_S_DRIVER_OK:
                 self._activate()

@@ -9,9 +9,17 @@
     if q.enable_notification(): ...            # True: the driver added buffers meanwhile, pop again
 
 `memory` is anything with `view(gpa, length, write=False) -> memoryview` that raises `GuestMemoryError` for a
-range outside RAM: pyhv's `GuestMemory`, or the vhost-user back end's map of the front end's memory. If it also
-has `span(gpa) -> (start, end, view, readonly) | None` (the contiguous range holding gpa), buffers inside the
-range of the previous one are sliced directly (a chain of 256 pages costs one lookup, not 256).
+range outside RAM: pyhv's `GuestMemory`, a device's `TranslatedDma` behind an IOMMU, or the vhost-user back end's
+map of the front end's memory. If it also has `span(gpa) -> (start, end, view, readonly) | None` (the contiguous
+range holding gpa), buffers inside the range of the previous one are sliced directly (a chain of 256 pages costs
+one lookup, not 256).
+
+Behind an IOMMU (`pyhv.memory.dma`): a buffer the IOMMU refuses (`DmaFault`) does not break the queue, it fails
+the request: the chain comes out with `fault` set and without that buffer, and a device that does not handle
+faults itself (`faults_to_device` False) never sees it: the queue returns it to the driver with nothing written.
+virtio-blk handles them (IOERR in the status byte). A ring or an indirect table the IOMMU refuses is a
+`VirtQueueError` (the device needs a reset). The rings are translated again when the IOMMU invalidated a
+translation of the device (its `epoch` changed), so an unmapped ring is not used through a stale translation.
 
 Everything the driver wrote is checked before the device sees it: ring addresses and alignment, the available
 index (never more than `size` ahead of the device), descriptor indices, chain length (a loop in the descriptor
@@ -38,6 +46,7 @@ import struct
 import threading
 from dataclasses import dataclass, field
 
+from pyhv.memory.dma import DmaFault
 from pyhv.memory.guest import GuestMemoryError
 
 log = logging.getLogger(__name__)
@@ -80,6 +89,8 @@ class DescriptorChain:
     writable: list[memoryview] = field(default_factory=list)      # device-writable (device -> driver)
     readable_len: int = 0
     writable_len: int = 0
+    fault: str | None = None            # the IOMMU refused a buffer of this chain (it is not in the lists)
+    fault_at_end: bool = False          # ... the chain's last descriptor (virtio-blk's status byte) among them
 
     def read_all(self) -> bytes:
         """All device-readable bytes, concatenated (for small control messages)."""
@@ -162,16 +173,26 @@ class VirtQueue:
         self.index = index
         self.size = size
         self.memory = memory
-        try:
-            self._desc = memory.view(desc_addr, DESC_SIZE * size)
-            self._avail = memory.view(avail_addr, 6 + 2 * size)
-            self._used = memory.view(used_addr, 6 + 8 * size, write=True)
-        except GuestMemoryError as e:
-            raise VirtQueueError(f"queue {index}: ring outside guest memory: {e}") from None
+        self.faults_to_device = False       # the device handles chains with `fault` set itself
+        self.faulted = 0                    # chains returned for a refused buffer
+        self._translated = hasattr(memory, "epoch")     # behind an IOMMU: re-translate the rings after invalidations
+        self._map_rings()
         # optional fast path: memory.span(gpa) -> (start, end, view, readonly) of the RAM range holding gpa
         self._span = getattr(memory, "span", None)
+        self._views = getattr(memory, "views", None)
         self._used_event_off = 4 + 2 * size
         self._avail_event_off = 4 + 8 * size
+
+    def _map_rings(self) -> None:
+        st, memory, size = self.state, self.memory, self.size
+        if self._translated:
+            self._epoch = memory.epoch
+        try:
+            self._desc = memory.view(st.desc_addr, DESC_SIZE * size)
+            self._avail = memory.view(st.avail_addr, 6 + 2 * size)
+            self._used = memory.view(st.used_addr, 6 + 8 * size, write=True)
+        except GuestMemoryError as e:
+            raise VirtQueueError(f"queue {self.index}: ring outside guest memory: {e}") from None
 
     # --- driver -> device ------------------------------------------------------------------------------------
     def avail_idx(self) -> int:
@@ -188,12 +209,18 @@ class VirtQueue:
     def pop(self) -> DescriptorChain | None:
         """The next available descriptor chain, or None when the driver has made none available."""
         st = self.state
-        if not self.pending():
-            return None
-        head = _U16.unpack_from(self._avail, 4 + 2 * (st.next_avail % self.size))[0]
-        st.next_avail = (st.next_avail + 1) & 0xFFFF
-        st.popped += 1
-        return self._walk(head)
+        if self._translated and self.memory.epoch != self._epoch:
+            self._map_rings()
+        while self.pending():
+            head = _U16.unpack_from(self._avail, 4 + 2 * (st.next_avail % self.size))[0]
+            st.next_avail = (st.next_avail + 1) & 0xFFFF
+            st.popped += 1
+            chain = self._walk(head)
+            if chain.fault is None or self.faults_to_device:
+                return chain
+            self.faulted += 1
+            self.push(chain, 0)             # the request fails; the driver gets its buffers back
+        return None
 
     def _walk(self, head: int) -> DescriptorChain:
         size = self.size
@@ -249,7 +276,14 @@ class VirtQueue:
                     run_end = addr + length
                 else:
                     try:
-                        bufs.append(view(addr, length, bool(write)))
+                        if self._views is not None:
+                            bufs.extend(self._views(addr, length, bool(write)))
+                        else:
+                            bufs.append(view(addr, length, bool(write)))
+                    except DmaFault as e:
+                        chain.fault = chain.fault or str(e)
+                        chain.fault_at_end = not flags & VIRTQ_DESC_F_NEXT
+                        length = 0                      # not in the chain's lengths either
                     except GuestMemoryError as e:
                         raise VirtQueueError(f"queue {self.index}: descriptor {i} of chain {head}: {e}") from None
                     run_end = -1

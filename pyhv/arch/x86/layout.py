@@ -11,7 +11,8 @@ read their addresses here.
     BELOW_4G_LIMIT (3 GiB)  .. 4 GiB: the MMIO hole
         0xD000_0000  virtio-mmio slots (microvm), 4 KiB each
         0xFEA0_0000  ACPI Generic Event Device (microvm)
-        0xFEC0_0000  I/O APIC          0xFEE0_0000  local APICs
+        0xFEC0_0000  I/O APIC          0xFED9_0000  VT-d remapping unit (pc --iommu intel, as QEMU's q35)
+        0xFEE0_0000  local APICs
         0xFEFF_C000  KVM's identity-map page, then its 3-page TSS
         4 GiB - size  firmware ROM
     4 GiB ..  RAM above the hole, when memory exceeds BELOW_4G_LIMIT
@@ -45,6 +46,7 @@ VIRTIO_MMIO_BASE = 0xD0000000        # microvm's virtio-mmio slots
 VIRTIO_MMIO_SLOT_SIZE = 0x1000
 MICROVM_GED_ADDR = 0xFEA00000        # microvm's ACPI Generic Event Device (4 bytes), as QEMU's microvm
 IOAPIC_ADDR = 0xFEC00000
+INTEL_IOMMU_ADDR = 0xFED90000         # the VT-d register block (4 KiB), where QEMU puts intel-iommu
 LAPIC_ADDR = 0xFEE00000
 IDENTITY_MAP_ADDR = 0xFEFFC000       # as QEMU: one page, then the 3-page TSS
 TSS_ADDR = 0xFEFFD000

@@ -336,7 +336,7 @@ class E1000(PciDevice):
         self.mac = bytes(mac) if mac else b"\x52\x54\x00" + os.urandom(3)
         if len(self.mac) != ETH_ALEN:
             raise ValueError(f"{name}: MAC must be 6 bytes")
-        self.memory = memory
+        self.memory = memory                # the DMA space: guest RAM, or a TranslatedDma behind the IOMMU
         self.port = port
         self.rx_ready: Callable[[], None] | None = None    # called when the driver posts receive buffers
         self.state = E1000State(eeprom=build_eeprom(self.mac, VENDOR_ID, DEVICE_ID, SUBSYSTEM_VENDOR_ID,
@@ -365,6 +365,10 @@ class E1000(PciDevice):
         self._reset_mac()
 
     # --- plumbing ----------------------------------------------------------------------------------------------
+    def attach_dma(self, space) -> None:
+        """Put the card behind an IOMMU: descriptors and buffers are then I/O virtual addresses."""
+        self.memory = space
+
     @classmethod
     def create(cls, context, net) -> "E1000":
         """The registry's factory (`--nic tap,ifname=TAP,model=e1000`, `--device e1000,ifname=TAP`): the card on

@@ -342,3 +342,31 @@ class Madt:
             body += struct.pack("<BBBBIH", MADT_TYPE_INTERRUPT_SOURCE_OVERRIDE, 10, o.bus, o.source, o.gsi, o.flags)
         body += struct.pack("<BBBHB", MADT_TYPE_LOCAL_APIC_NMI, 6, 0xFF, 0, self.nmi_lint)
         return sdt(self.signature, self.revision, bytes(body))
+
+
+DMAR_INTR_REMAP = 1 << 0                 # DMAR flags: interrupt remapping supported
+DMAR_TYPE_DRHD = 0
+DRHD_INCLUDE_PCI_ALL = 1 << 0
+DRHD_LENGTH = 16                          # without device scopes
+
+
+@dataclass
+class Dmar:
+    """DMA Remapping Reporting table (Intel VT-d specification §8): the host address width and one DMA remapping
+    hardware unit (DRHD) per register block, each with INCLUDE_PCI_ALL (every PCI device of its segment, as QEMU
+    reports its intel-iommu). No reserved memory regions (RMRR): no device needs DMA before the OS maps it."""
+    host_address_width: int = 48          # bits; the table stores width - 1
+    units: list[int] = field(default_factory=list)      # register base addresses (segment 0, all PCI devices)
+    flags: int = 0
+    signature = b"DMAR"
+    revision = 1
+
+    @property
+    def size(self) -> int:
+        return HEADER_SIZE + 12 + DRHD_LENGTH * len(self.units)
+
+    def encode(self) -> bytes:
+        body = bytearray(struct.pack("<BB10x", self.host_address_width - 1, self.flags))
+        for base in self.units:
+            body += struct.pack("<HHBBHQ", DMAR_TYPE_DRHD, DRHD_LENGTH, DRHD_INCLUDE_PCI_ALL, 0, 0, base)
+        return sdt(self.signature, self.revision, bytes(body))
