@@ -247,7 +247,7 @@ def cmd_run(args: argparse.Namespace) -> int:
             data = machine.exit_stats().as_dict(machine.port_owner)
             data.update(kvm_flavour=machine.flavour.value, exit_status=status, exit_reason=machine.exit_reason,
                         first_kvm_run_monotonic=machine.first_run_monotonic, kvm=machine.kvm_stats(),
-                        virtio=machine.virtio_stats(),
+                        virtio=machine.virtio_stats(), iommu=machine.iommu_stats(),
                         unassigned={"port_reads": machine.io.unassigned_reads,
                                     "port_writes": machine.io.unassigned_writes,
                                     "mmio_reads": machine.memory.unassigned_reads,

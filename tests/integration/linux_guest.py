@@ -13,11 +13,12 @@ BOOT_TIMEOUT = 600
 
 def boot(assets, *extra: str, command: str, memory: str = "128M", kernel: str | None = None,
          initrd: str | None = None, timeout: float = BOOT_TIMEOUT,
-         prefix: tuple[str, ...] = ()) -> tuple[int, str, str]:
+         prefix: tuple[str, ...] = (), append: str = "") -> tuple[int, str, str]:
     """(exit status, stdout, stderr) of pyhv booting `assets` with `extra` options; `prefix` wraps the command
-    (e.g. `ip netns exec NS`)."""
+    (e.g. `ip netns exec NS`); `append`: more kernel parameters."""
     cmd = [*prefix, sys.executable, "-m", "pyhv.cli", "run", "--kernel", kernel or str(assets.bzimage),
            "--initrd", initrd or str(assets.initramfs_uncompressed), "--memory", memory,
-           "--append", f"console=ttyS0 reboot=k panic=-1 {encode_command(command)}", "--stats", *extra]
+           "--append", f"console=ttyS0 reboot=k panic=-1 {append} {encode_command(command)}".replace("  ", " "),
+           "--stats", *extra]
     proc = subprocess.run(cmd, capture_output=True, timeout=timeout, stdin=subprocess.DEVNULL)
     return proc.returncode, proc.stdout.decode(errors="replace"), proc.stderr.decode(errors="replace")

@@ -32,8 +32,10 @@ MACHINE_OPTIONS = {"pc": ("--machine", "pc"), "microvm": ("--machine", "microvm"
                    "microvm-noacpi": ("--machine", "microvm", "--acpi", "off")}
 
 
-def boot_on(machine: str, assets, command: str, *extra: str, prefix: tuple[str, ...] = ()) -> tuple[int, str]:
-    status, out, err = boot(assets, *MACHINE_OPTIONS[machine], *extra, command=command, prefix=prefix)
+def boot_on(machine: str, assets, command: str, *extra: str, prefix: tuple[str, ...] = (),
+            append: str = "") -> tuple[int, str]:
+    status, out, err = boot(assets, *MACHINE_OPTIONS[machine], *extra, command=command, prefix=prefix,
+                            append=append)
     return status, out + err
 
 
@@ -97,10 +99,11 @@ NET_BYTES = 1 * MiB          # each way; on PVM hosts every guest system call co
 
 
 def tcp_both_ways(assets, netns: str, machine: str, nic: str, after: list[str] = (),
-                  extra: tuple[str, ...] = ()) -> tuple[dict, dict, str]:
+                  extra: tuple[str, ...] = (), append: str = "") -> tuple[dict, dict, str]:
     """Boot `assets` with `--nic tap,ifname=TAP,<nic>` on a fresh tap in `netns` (10.213.1.1, the guest .2):
     the guest prints its NIC's driver and MAC, receives NET_BYTES over TCP from NET_SERVER and sends NET_BYTES
-    back, then runs `after`. Checks both transfers; returns (guest values, the tap's counters, the tap's name)."""
+    back, then runs `after`. Checks both transfers; returns (guest values, the tap's counters, the console and
+    pyhv's output)."""
     tap = f"pv{random.randrange(1 << 24):x}"
     subprocess.run(["ip", "-n", netns, "tuntap", "add", "dev", tap, "mode", "tap"], check=True)
     subprocess.run(["ip", "-n", netns, "addr", "add", "10.213.1.1/24", "dev", tap], check=True)
@@ -117,7 +120,7 @@ def tcp_both_ways(assets, netns: str, machine: str, nic: str, after: list[str] =
             f"dd if=/dev/urandom of=/tmp/tx bs=64k count={NET_BYTES // 65536} 2>/dev/null",
             "echo txsum=$(sha256sum /tmp/tx)",
             "nc 10.213.1.1 5002 < /tmp/tx > /tmp/ack", "echo ack=$(cat /tmp/ack)", *after,
-        ]), "--nic", f"tap,ifname={tap},{nic}", *extra, prefix=("ip", "netns", "exec", netns))
+        ]), "--nic", f"tap,ifname={tap},{nic}", *extra, prefix=("ip", "netns", "exec", netns), append=append)
         out_server = server.communicate(timeout=60)[0] if status == debug_exit_status(0) else ""
         counters = {k: int(subprocess.run(["ip", "netns", "exec", netns, "cat", f"/sys/class/net/{tap}/statistics/{k}"],
                                           capture_output=True, text=True, check=True).stdout)
@@ -131,7 +134,7 @@ def tcp_both_ways(assets, netns: str, machine: str, nic: str, after: list[str] =
     sent = dict(line.split("=", 1) for line in out_server.splitlines() if "=" in line)
     assert got["rxsum"] == sent["sentsum"]
     assert int(sent["recvlen"]) == NET_BYTES and sent["recvsum"] == got["txsum"] and got["ack"] == "received"
-    return got, counters, tap
+    return got, counters, out
 
 
 def test_virtio_mmio_notifications_exit_to_pyhv_only_without_ioeventfd(linux_guest, tmp_path):
