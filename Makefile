@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV   := .venv
 PY     := $(VENV)/bin/python
 
-.PHONY: run demo test lint deps bench bench-models clean compile
+.PHONY: run demo test lint deps bench bench-models bench-iommu clean compile
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -48,6 +48,10 @@ bench: compile deps
 bench-models: compile deps
 	$(PY) -m pip install -q -e '.[bench]'
 	$(PY) bench/models.py
+
+# The VT-d model's cost: per translation (host side) and virtio-blk IOPS/MB/s without an IOMMU, lazy and strict
+bench-iommu: compile deps
+	$(PY) bench/iommu.py
 
 clean:
 	rm -rf $(VENV) build .pytest_cache

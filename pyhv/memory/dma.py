@@ -78,6 +78,10 @@ class TranslatedDma:
         return [self.memory.view(gpa, n, write) for gpa, n in self.pieces(addr, length, write)]
 
     def view(self, addr: int, length: int, write: bool = False) -> memoryview:
+        if 0 <= addr and 0 <= length:
+            gpa, room = self.iommu.translate(self.source_id, addr, write)
+            if length <= room:                          # within one page: the common descriptor or ring
+                return self.memory.view(gpa, length, write)
         pieces = self.pieces(addr, length, write)
         if len(pieces) != 1:
             raise GuestMemoryError(f"DMA range {addr:#x}+{length:#x} is not contiguous in guest memory "

@@ -2,6 +2,8 @@
 schema and parser first (the `domain_file` fixture), so pyhv's XML is libvirt's XML."""
 from __future__ import annotations
 
+import socket
+
 import json
 import shlex
 import subprocess
@@ -366,3 +368,24 @@ def test_e1000_option_rom_from_xml_command_line_and_device(domain_file, files, t
     (tmp_path / "empty.rom").write_bytes(b"")
     with pytest.raises(ConfigError, match="is 0 bytes"):
         NetConfig("t0", model="e1000", romfile=str(tmp_path / "empty.rom")).validate()
+
+
+def test_iommu_round_trips_and_is_refused_where_it_cannot_work(domain_file, files, tmp_path):
+    """<iommu model='intel'/> (libvirt's element) is `--iommu intel`: pc only, with ACPI (the DMAR table), and not
+    in front of a vhost-user device (its back end would need the IOTLB protocol)."""
+    xml = full_xml(files, extra_devices="<iommu model='intel'/>", extra="<features><acpi/></features>")
+    config, warnings = parse_domain_xml(domain_file(xml).path.read_text(), "vm.xml")
+    assert config.iommu == "intel" and not any("iommu" in w for w in warnings)
+    assert args_to_config(config_to_args(config)).iommu == "intel"
+    assert '<iommu model="intel"/>' in config_to_domain_xml(config)
+    with pytest.raises(ConfigError, match="not supported"):
+        parse_domain_xml(xml.replace("model='intel'", "model='smmuv3'"), "vm.xml")
+    listener = socket.socket(socket.AF_UNIX)
+    listener.bind(str(tmp_path / "be.sock"))
+    for change, message in ((dict(machine="microvm"), "needs --machine pc"), (dict(acpi=False), "needs --acpi on"),
+                            (dict(devices=[f"vhost-user-rng,socket={tmp_path / 'be.sock'}"], memory_backend="memfd"),
+                             "cannot sit behind --iommu")):
+        bad = VmConfig(**{"machine": "pc", "iommu": "intel", **change})
+        with pytest.raises(ConfigError, match=message):
+            bad.validate()
+    listener.close()

@@ -101,7 +101,7 @@ def test_translation_off_is_identity():
     rig = Rig()
     rig.mem.write(0x5000, b"phys")
     assert rig.space.read(0x5000, 4) == b"phys"
-    assert rig.unit.stats[SID]["translations"] == 1 and not rig.msis
+    assert rig.unit.counters()["dev"]["translations"] == 1 and not rig.msis
 
 
 @pytest.mark.parametrize("levels", [3, 4])
@@ -113,7 +113,7 @@ def test_4k_mapping_reads_and_writes_through_the_tables(levels):
     assert rig.space.read(0x7654_3010, 5) == b"hello"
     rig.space.write(0x7654_3ffe, b"ab")
     assert rig.mem.read(0x20ffe, 2) == b"ab"
-    c = rig.unit.stats[SID]
+    c = rig.unit.counters()["dev"]
     assert c["iotlb-misses"] == 1 and c["iotlb-hits"] == 1
 
 

@@ -144,6 +144,19 @@ class IotlbEntry:
     writable: bool
 
 
+@dataclass(slots=True)
+class DeviceCounters:
+    translations: int = 0
+    iotlb_hits: int = 0
+    iotlb_misses: int = 0
+    faults: int = 0
+
+
+def _key(source_id: int, addr: int) -> int:
+    """The IOTLB key of the 4 KiB page holding addr for source_id (an int: cheaper to hash than a tuple)."""
+    return source_id << 52 | addr >> PAGE_SHIFT
+
+
 @dataclass
 class IntelIommuState:
     """The guest-visible registers (everything else is a cache the guest must invalidate)."""
@@ -188,16 +201,16 @@ class IntelIommu:
         self.memory = memory
         self.send_msi = send_msi
         self.state = IntelIommuState()
-        self.lock = threading.RLock()
+        self.lock = threading.Lock()           # registers (vCPUs) and translations (vCPUs, the I/O thread)
         for i in range(FAULT_RECORDS):          # the fault recording registers' hooks, by name for the bank
             setattr(self, f"_read_frcd{i}_lo", lambda i=i: self.state.frcd[i] & ((1 << 64) - 1))
             setattr(self, f"_read_frcd{i}_hi", lambda i=i: self.state.frcd[i] >> 64)
             setattr(self, f"_write_frcd{i}_hi", lambda value, i=i: self._write_frcd_hi(i, value))
         self.bank = RegisterBank(self, self._registers(), self.state, name)
         self._contexts: dict[int, ContextEntry] = {}
-        self._iotlb: dict[tuple[int, int], IotlbEntry] = {}
+        self._iotlb: dict[int, IotlbEntry] = {}          # _key(source-id, page) -> leaf
         self.spaces: dict[int, TranslatedDma] = {}        # source-id -> its device's DMA space
-        self.stats: dict[int, Counter] = {}               # source-id -> translations, hits, misses, faults
+        self.stats: dict[int, DeviceCounters] = {}        # source-id -> its counters
         self.invalidations: Counter = Counter()
         self._warned: set[tuple[int, int]] = set()
 
@@ -262,26 +275,28 @@ class IntelIommu:
         """The DMA space of the device `name` at `source_id` (bus << 8 | devfn)."""
         space = TranslatedDma(name, self.memory, self, source_id)
         self.spaces[source_id] = space
-        self.stats[source_id] = Counter()
+        self.stats[source_id] = DeviceCounters()
         return space
 
     def counters(self) -> dict[str, dict[str, int]]:
         """Per device: translations, IOTLB hits and misses, faults."""
-        return {self.spaces[sid].name: {k: c[k] for k in ("translations", "iotlb-hits", "iotlb-misses", "faults")}
-                for sid, c in self.stats.items()}
+        return {(self.spaces[sid].name if sid in self.spaces else f"{sid:#06x}"):
+                {"translations": c.translations, "iotlb-hits": c.iotlb_hits, "iotlb-misses": c.iotlb_misses,
+                 "faults": c.faults} for sid, c in self.stats.items()}
 
     # --- translation ---------------------------------------------------------------------------------------------
     def translate(self, source_id: int, addr: int, write: bool) -> tuple[int, int]:
         with self.lock:
             stats = self.stats.get(source_id)
             if stats is None:
-                stats = self.stats[source_id] = Counter()
-            stats["translations"] += 1
+                stats = self.stats[source_id] = DeviceCounters()
+            stats.translations += 1
             if not self.state.gsts & GSTS_TES:
                 return addr, PAGE_SIZE - (addr & (PAGE_SIZE - 1))       # translation off: addresses are physical
-            entry = self._iotlb.get((source_id, addr >> PAGE_SHIFT))
+            key = source_id << 52 | addr >> PAGE_SHIFT
+            entry = self._iotlb.get(key)
             if entry is None:
-                stats["iotlb-misses"] += 1
+                stats.iotlb_misses += 1
                 try:
                     entry = self._walk(source_id, addr, write)
                 except _Fault as f:
@@ -290,9 +305,9 @@ class IntelIommu:
                     return addr, PAGE_SIZE - (addr & (PAGE_SIZE - 1))
                 if len(self._iotlb) >= IOTLB_CAPACITY:
                     self._iotlb.pop(next(iter(self._iotlb)))
-                self._iotlb[(source_id, addr >> PAGE_SHIFT)] = entry
+                self._iotlb[key] = entry
             else:
-                stats["iotlb-hits"] += 1
+                stats.iotlb_hits += 1
             if not (entry.writable if write else entry.readable):
                 raise self._fault(source_id, addr, write, FR_WRITE if write else FR_READ,
                                   self._contexts[source_id].fpd if source_id in self._contexts else False)
@@ -366,9 +381,8 @@ class IntelIommu:
     # --- faults (§7.2) -------------------------------------------------------------------------------------------
     def _fault(self, source_id: int, addr: int, write: bool, reason: int, fpd: bool = False) -> DmaFault:
         """Record a refused access (unless the context disabled fault processing) and describe it for the device."""
-        self._iotlb.pop((source_id, addr >> PAGE_SHIFT), None)      # never keep an entry that refused an access
-        stats = self.stats[source_id]
-        stats["faults"] += 1
+        self._iotlb.pop(_key(source_id, addr), None)      # never keep an entry that refused an access
+        self.stats[source_id].faults += 1
         name = self.spaces[source_id].name if source_id in self.spaces else f"{source_id:#06x}"
         what = f"{'write' if write else 'read'} of {addr:#x}"
         message = (f"{self.name}: DMA {what} by {name} ({source_id >> 8:02x}:{(source_id >> 3) & 0x1F:02x}."
@@ -503,7 +517,7 @@ class IntelIommu:
                      and e.iova_base < start + size and start < e.iova_base + e.size]
             for key in stale:
                 del self._iotlb[key]
-            self._bump({k[0] for k in stale} | {s for s, c in self._contexts.items() if c.did == did})
+            self._bump({k >> 52 for k in stale} | {s for s, c in self._contexts.items() if c.did == did})
         elif granularity == GRANULARITY_DOMAIN:
             self._flush(did, None)
         else:
@@ -517,10 +531,10 @@ class IntelIommu:
             touched = set(self.spaces)
         else:
             stale = [k for k, e in self._iotlb.items() if (did is not None and e.did == did)
-                     or (sids is not None and k[0] in sids)]
+                     or (sids is not None and k >> 52 in sids)]
             for key in stale:
                 del self._iotlb[key]
-            touched = {k[0] for k in stale} | (sids or set()) \
+            touched = {k >> 52 for k in stale} | (sids or set()) \
                 | {s for s, c in self._contexts.items() if did is not None and c.did == did}
         self._bump(touched)
 
