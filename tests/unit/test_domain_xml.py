@@ -2,10 +2,9 @@
 schema and parser first (the `domain_file` fixture), so pyhv's XML is libvirt's XML."""
 from __future__ import annotations
 
-import socket
-
 import json
 import shlex
+import socket
 import subprocess
 import sys
 
