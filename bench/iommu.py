@@ -12,10 +12,10 @@ reads at queue depth 1 and 1 MiB sequential reads, one boot per workload, rounds
 is reported with translations and IOTLB misses per request (pyhv's counters over the whole boot, divided by the
 workload's requests).
 
-    python3 bench/iommu.py [--rounds 2] [--seconds 3] [--tree DIR] [--configs none,lazy,strict]
+    python3 bench/iommu.py [--rounds 2] [--seconds 3] [--configs none,lazy,strict,none@DIR]
 
-`--tree DIR` runs pyhv from another checkout (e.g. main before the IOMMU: `--tree /tmp/old --configs none`) for
-the "no device without an IOMMU gets slower" comparison.
+`CONFIG@DIR` runs pyhv from another checkout, interleaved with the others: `none@/tmp/old` (a worktree of main
+before the IOMMU) against `none` is the "no device without an IOMMU gets slower" comparison.
 """
 from __future__ import annotations
 
@@ -101,10 +101,11 @@ def guest_assets(tmp: Path) -> tuple[Path, Path]:
     return Path(assets.bzimage), Path(assets.initramfs_uncompressed)
 
 
-def run_once(tree: Path, kernel: Path, initrd: Path, image: Path, tmp: Path, config: str, mode: str,
-             seconds: float) -> dict:
-    options, append = CONFIGS[config]
-    stats = tmp / f"{config}-{mode}.json"
+def run_once(kernel: Path, initrd: Path, image: Path, tmp: Path, config: str, mode: str, seconds: float) -> dict:
+    name, _, tree_text = config.partition("@")
+    tree = Path(tree_text) if tree_text else ROOT
+    options, append = CONFIGS[name]
+    stats = tmp / f"{name}-{mode}-{abs(hash(config))}.json"
     command = f"blkload {mode} /dev/vda {seconds} 1"
     cmd = [sys.executable, "-m", "pyhv.cli", "run", "--machine", "pc", "--memory", "256M", "--kernel", str(kernel),
            "--initrd", str(initrd), "--drive", f"file={image}", *options, "--stats-json", str(stats),
@@ -129,12 +130,12 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[1])
     p.add_argument("--rounds", type=int, default=2)
     p.add_argument("--seconds", type=float, default=3.0, help="seconds per workload in the guest")
-    p.add_argument("--tree", type=Path, default=ROOT, help="the pyhv checkout to run (default: this one)")
-    p.add_argument("--configs", default="none,lazy,strict")
+    p.add_argument("--configs", default="none,lazy,strict",
+                   help="comma-separated: none, lazy, strict, each optionally @DIR (pyhv from that checkout)")
     p.add_argument("--no-host", action="store_true", help="skip the in-process translation costs")
     args = p.parse_args()
     configs = [c for c in args.configs.split(",") if c]
-    unknown = set(configs) - set(CONFIGS)
+    unknown = {c.partition("@")[0] for c in configs} - set(CONFIGS)
     if unknown:
         p.error(f"unknown config {', '.join(sorted(unknown))}: choose from {', '.join(CONFIGS)}")
     if not args.no_host:
@@ -154,7 +155,7 @@ def main() -> int:
         for r in range(args.rounds):
             for mode, label in WORKLOADS:
                 for config in configs:
-                    res = run_once(args.tree, kernel, initrd, image, tmp, config, mode, args.seconds)
+                    res = run_once(kernel, initrd, image, tmp, config, mode, args.seconds)
                     print(f"round {r + 1} {config:<7} {label}: {res['MB/s']:.2f} MB/s {res['IOPS']:.0f} IOPS "
                           f"{res['translations/req']:.1f} translations/req {res['misses/req']:.1f} misses/req",
                           flush=True)
@@ -162,13 +163,14 @@ def main() -> int:
                     if old is None or res["IOPS"] > old["IOPS"]:
                         best[(config, mode)] = res
     print()
-    print(f"{'workload':<18}{'config':<8}{'MB/s':>9}{'IOPS':>9}{'vs none':>9}{'transl/req':>12}{'miss/req':>10}")
+    width = max(8, *(len(c) + 1 for c in configs))
+    print(f"{'workload':<18}{'config':<{width}}{'MB/s':>9}{'IOPS':>9}{'vs none':>9}{'transl/req':>12}{'miss/req':>10}")
     for mode, label in WORKLOADS:
         base = best.get(("none", mode))
         for config in configs:
             res = best[(config, mode)]
             ratio = f"{res['IOPS'] / base['IOPS']:.2f}" if base else "-"
-            print(f"{label:<18}{config:<8}{res['MB/s']:>9.2f}{res['IOPS']:>9.0f}{ratio:>9}"
+            print(f"{label:<18}{config:<{width}}{res['MB/s']:>9.2f}{res['IOPS']:>9.0f}{ratio:>9}"
                   f"{res['translations/req']:>12.1f}{res['misses/req']:>10.1f}")
     return 0
 

@@ -13,9 +13,10 @@ and raises `GuestMemoryError` for what it cannot reach. There are two kinds:
 - `TranslatedDma`: a device behind an IOMMU (`pyhv.devices.iommu`). Its addresses are I/O virtual addresses that
   the IOMMU translates page by page for the device's PCI source-id; every access is checked (present, readable,
   writable) and a refused one raises `DmaFault` after the IOMMU has recorded the fault. It also has
-  `views(addr, length, write) -> list[memoryview]` for a buffer whose pages are not contiguous in guest RAM, and an
-  `epoch` that changes whenever the IOMMU invalidates a translation of this device, so holders of long-lived views
-  (a virtqueue's rings) know when to translate them again.
+  `views(addr, length, write) -> list[memoryview]` for a buffer whose pages are not contiguous in guest RAM, and
+  `pinned_view()` for long-lived views (a virtqueue's rings): the IOMMU marks their IOTLB entries, and when one of
+  them goes (invalidated, evicted, the context changed) it bumps the space's `epoch`, so the holder knows to
+  translate its views again. Short-lived views (one request's buffers) need nothing of the kind.
 """
 from __future__ import annotations
 
@@ -40,9 +41,10 @@ class DmaFault(GuestMemoryError):
 class Translator(Protocol):
     """What `TranslatedDma` needs of an IOMMU."""
 
-    def translate(self, source_id: int, addr: int, write: bool) -> tuple[int, int]:
+    def translate(self, source_id: int, addr: int, write: bool, pin: bool = False) -> tuple[int, int]:
         """The guest-physical address of `addr` for the device `source_id` and how many bytes from there on lie in
-        the same translated page; raises `DmaFault` (after recording the fault) when the access is refused."""
+        the same translated page; raises `DmaFault` (after recording the fault) when the access is refused.
+        `pin`: the translation backs a long-lived view (bump the space's epoch when it goes)."""
         ...
 
 
@@ -56,14 +58,19 @@ class TranslatedDma:
         self.source_id = source_id
         self.epoch = 0                  # bumped by the IOMMU when it invalidates translations of this device
 
-    def pieces(self, addr: int, length: int, write: bool) -> list[tuple[int, int]]:
-        """[addr, addr+length) as guest-physical (address, length) pieces, adjacent pages merged."""
+    def pieces(self, addr: int, length: int, write: bool, pin: bool = False,
+               first: tuple[int, int] | None = None) -> list[tuple[int, int]]:
+        """[addr, addr+length) as guest-physical (address, length) pieces, adjacent pages merged (`first`: the
+        translation of addr, when the caller has it already)."""
         if addr < 0 or length < 0 or addr + length > 1 << 64:
             raise GuestMemoryError(f"DMA range {addr:#x}+{length:#x} is not addressable")
         out: list[tuple[int, int]] = []
         translate, sid = self.iommu.translate, self.source_id
         while True:
-            gpa, room = translate(sid, addr, write)
+            if first is not None:
+                (gpa, room), first = first, None
+            else:
+                gpa, room = translate(sid, addr, write, pin)
             n = min(room, length)
             if out and out[-1][0] + out[-1][1] == gpa:
                 out[-1] = (out[-1][0], out[-1][1] + n)
@@ -77,16 +84,20 @@ class TranslatedDma:
     def views(self, addr: int, length: int, write: bool = False) -> list[memoryview]:
         return [self.memory.view(gpa, n, write) for gpa, n in self.pieces(addr, length, write)]
 
-    def view(self, addr: int, length: int, write: bool = False) -> memoryview:
+    def view(self, addr: int, length: int, write: bool = False, pin: bool = False) -> memoryview:
+        first = None
         if 0 <= addr and 0 <= length:
-            gpa, room = self.iommu.translate(self.source_id, addr, write)
-            if length <= room:                          # within one page: the common descriptor or ring
-                return self.memory.view(gpa, length, write)
-        pieces = self.pieces(addr, length, write)
+            first = self.iommu.translate(self.source_id, addr, write, pin)
+            if length <= first[1]:                      # within one page: the common descriptor or ring
+                return self.memory.view(first[0], length, write)
+        pieces = self.pieces(addr, length, write, pin, first)
         if len(pieces) != 1:
             raise GuestMemoryError(f"DMA range {addr:#x}+{length:#x} is not contiguous in guest memory "
                                    f"({len(pieces)} pieces)")
         return self.memory.view(pieces[0][0], length, write)
+
+    def pinned_view(self, addr: int, length: int, write: bool = False) -> memoryview:
+        return self.view(addr, length, write, pin=True)
 
     def read(self, addr: int, length: int) -> bytes:
         return b"".join(bytes(self.memory.view(gpa, n)) for gpa, n in self.pieces(addr, length, False))

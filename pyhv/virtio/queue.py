@@ -187,10 +187,11 @@ class VirtQueue:
         st, memory, size = self.state, self.memory, self.size
         if self._translated:
             self._epoch = memory.epoch
+        view = memory.pinned_view if self._translated else memory.view
         try:
-            self._desc = memory.view(st.desc_addr, DESC_SIZE * size)
-            self._avail = memory.view(st.avail_addr, 6 + 2 * size)
-            self._used = memory.view(st.used_addr, 6 + 8 * size, write=True)
+            self._desc = view(st.desc_addr, DESC_SIZE * size)
+            self._avail = view(st.avail_addr, 6 + 2 * size)
+            self._used = view(st.used_addr, 6 + 8 * size, write=True)
         except GuestMemoryError as e:
             raise VirtQueueError(f"queue {self.index}: ring outside guest memory: {e}") from None
 

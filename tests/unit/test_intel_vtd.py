@@ -300,7 +300,22 @@ def test_iotlb_entry_stays_until_invalidated_by_register():
     rig.reg(vtd.IOTLB + 4, (vtd.IOTLB_IVT | 3 << 60 | DID << 32) >> 32)   # upper half, as a 32-bit driver would
     assert not rig.reg(vtd.IOTLB, size=8) & vtd.IOTLB_IVT
     assert (rig.reg(vtd.IOTLB, size=8) >> 57) & 3 == 3              # actual granularity: page
-    assert rig.space.read(0x1000, 1) == b"B" and rig.space.epoch > epoch
+    assert rig.space.read(0x1000, 1) == b"B"
+    assert rig.space.epoch == epoch                                 # no long-lived view used that page
+
+
+def test_only_losing_a_pinned_translation_bumps_the_epoch():
+    rig = Rig()
+    rig.map(0x1000, 0x20000)
+    rig.map(0x2000, 0x21000)
+    rig.enable()
+    rig.space.pinned_view(0x1000, 16)                               # a ring
+    rig.space.view(0x2000, 16)                                      # a request's buffer
+    epoch = rig.space.epoch
+    for page, bumped in ((0x2000, False), (0x1000, True)):
+        rig.reg(vtd.IVA, page, 8)
+        rig.reg(vtd.IOTLB, vtd.IOTLB_IVT | 3 << 60 | DID << 32, 8)
+        assert (rig.space.epoch > epoch) == bumped
 
 
 def test_invalidation_of_another_domain_leaves_the_entry():
@@ -432,7 +447,8 @@ def test_rings_are_translated_again_after_an_invalidation():
     q = device_queue(rig, d)
     leaf = rig.map(0x3000, 0x3000)
     rig.mem.write(leaf, bytes(8))                                   # the used ring unmapped ...
-    rig.reg(vtd.IOTLB, vtd.IOTLB_IVT | 1 << 60, 8)                   # ... and invalidated
+    rig.reg(vtd.IVA, 0x3000, 8)                                     # ... and its page invalidated
+    rig.reg(vtd.IOTLB, vtd.IOTLB_IVT | 3 << 60 | DID << 32, 8)
     d.publish(d.add([(b"x", False)]))
     with pytest.raises(VirtQueueError, match="ring"):
         q.pop()

@@ -142,6 +142,7 @@ class IotlbEntry:
     iova_base: int      # the mapping's first I/O virtual address
     readable: bool
     writable: bool
+    pinned: bool = False    # backs a long-lived view: its removal bumps the device's DMA space epoch
 
 
 @dataclass(slots=True)
@@ -285,7 +286,7 @@ class IntelIommu:
                  "faults": c.faults} for sid, c in self.stats.items()}
 
     # --- translation ---------------------------------------------------------------------------------------------
-    def translate(self, source_id: int, addr: int, write: bool) -> tuple[int, int]:
+    def translate(self, source_id: int, addr: int, write: bool, pin: bool = False) -> tuple[int, int]:
         with self.lock:
             stats = self.stats.get(source_id)
             if stats is None:
@@ -304,13 +305,17 @@ class IntelIommu:
                 if entry is None:                                   # pass-through
                     return addr, PAGE_SIZE - (addr & (PAGE_SIZE - 1))
                 if len(self._iotlb) >= IOTLB_CAPACITY:
-                    self._iotlb.pop(next(iter(self._iotlb)))
+                    oldest = next(iter(self._iotlb))
+                    if self._iotlb.pop(oldest).pinned:
+                        self._bump({oldest >> 52})
                 self._iotlb[key] = entry
             else:
                 stats.iotlb_hits += 1
             if not (entry.writable if write else entry.readable):
                 raise self._fault(source_id, addr, write, FR_WRITE if write else FR_READ,
                                   self._contexts[source_id].fpd if source_id in self._contexts else False)
+            if pin:
+                entry.pinned = True
             offset = addr & (PAGE_SIZE - 1)
             return entry.gpa + offset, PAGE_SIZE - offset
 
@@ -381,7 +386,9 @@ class IntelIommu:
     # --- faults (§7.2) -------------------------------------------------------------------------------------------
     def _fault(self, source_id: int, addr: int, write: bool, reason: int, fpd: bool = False) -> DmaFault:
         """Record a refused access (unless the context disabled fault processing) and describe it for the device."""
-        self._iotlb.pop(_key(source_id, addr), None)      # never keep an entry that refused an access
+        gone = self._iotlb.pop(_key(source_id, addr), None)      # never keep an entry that refused an access
+        if gone is not None and gone.pinned:
+            self._bump({source_id})
         self.stats[source_id].faults += 1
         name = self.spaces[source_id].name if source_id in self.spaces else f"{source_id:#06x}"
         what = f"{'write' if write else 'read'} of {addr:#x}"
@@ -515,28 +522,27 @@ class IntelIommu:
             start = addr & ~(size - 1)
             stale = [k for k, e in self._iotlb.items() if e.did == did
                      and e.iova_base < start + size and start < e.iova_base + e.size]
-            for key in stale:
-                del self._iotlb[key]
-            self._bump({k >> 52 for k in stale} | {s for s, c in self._contexts.items() if c.did == did})
+            self._drop(stale)
         elif granularity == GRANULARITY_DOMAIN:
             self._flush(did, None)
         else:
             self._flush(None, None)
 
     def _flush(self, did: int | None, sids: set[int] | None) -> None:
-        """Drop IOTLB entries (all, or of domain `did`, or of the source-ids `sids`) and tell the devices."""
+        """Drop IOTLB entries (all, or of domain `did`, or of the source-ids `sids`) and tell the devices whose
+        long-lived views depended on them."""
         if did is None and sids is None:
             self._iotlb.clear()
             self._contexts.clear()
-            touched = set(self.spaces)
+            self._bump(set(self.spaces))
         else:
-            stale = [k for k, e in self._iotlb.items() if (did is not None and e.did == did)
-                     or (sids is not None and k >> 52 in sids)]
-            for key in stale:
-                del self._iotlb[key]
-            touched = {k >> 52 for k in stale} | (sids or set()) \
-                | {s for s, c in self._contexts.items() if did is not None and c.did == did}
-        self._bump(touched)
+            self._drop([k for k, e in self._iotlb.items() if (did is not None and e.did == did)
+                        or (sids is not None and k >> 52 in sids)])
+            self._bump(sids or set())           # a changed context: every view of those devices
+
+    def _drop(self, keys: list[int]) -> None:
+        """Remove IOTLB entries; devices that held long-lived views through one of them translate again."""
+        self._bump({k >> 52 for k in keys if self._iotlb.pop(k).pinned})
 
     def _bump(self, sids: set[int]) -> None:
         for sid in sids:
