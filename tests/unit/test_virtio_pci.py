@@ -7,6 +7,7 @@ import struct
 import pytest
 
 from pyhv.devices.pci.constants import PCI_COMMAND_MEMORY, PCI_MSIX_FLAGS_ENABLE
+from pyhv.memory.dma import DmaFault, TranslatedDma
 from pyhv.runtime.iothread import IoThread
 from pyhv.virtio.blk import VIRTIO_BLK_T_IN, VirtioBlk
 from pyhv.virtio.device import (
@@ -190,3 +191,46 @@ def test_pci_cfg_capability_window(rig):
     board.cfg_write(DEVFN, cap + 12, 4, 2)
     board.cfg_write(DEVFN, cap + 16, 2, 0)                             # queue_select = 0 through the window
     assert board.cfg_read(DEVFN, cap + 16, 2) == 0
+
+
+class PageTranslator:
+    """An IOMMU stand-in: identity for the pages in `mapped`, a DmaFault for the rest."""
+
+    def __init__(self, mapped: set[int]) -> None:
+        self.mapped = mapped
+
+    def translate(self, source_id: int, addr: int, write: bool, pin: bool = False) -> tuple[int, int]:
+        if addr >> 12 not in self.mapped:
+            raise DmaFault(f"{addr:#x} not mapped", addr, write, 6)
+        return addr, 4096 - (addr & 0xFFF)
+
+
+def test_behind_an_iommu_access_platform_is_required_and_faults_fail_requests(rig):
+    """attach_dma (an IOMMU in front): VIRTIO_F_ACCESS_PLATFORM is offered and must be accepted; a request whose
+    data buffer is not mapped completes with IOERR and leaves memory alone; rings in unmapped space reset the
+    device."""
+    board, dev, mem, line = rig
+    pages = {p for p in range(0x1000 >> 12, 0x4000 >> 12)} | {0x10000 >> 12}   # rings and the first heap page
+    dev.attach_dma(TranslatedDma("vblk", mem, PageTranslator(pages), DEVFN))
+    m = board.memory
+    m.write(COMMON, 4, 1)
+    assert m.read(COMMON + 4, 4) & 2                                  # bit 33
+    drv = setup_driver(board, mem, 1 << 32)                           # VERSION_1 only: refused
+    assert not m.read(COMMON + 0x14, 1) & VIRTIO_CONFIG_S_FEATURES_OK
+    drv = setup_driver(board, mem, 3 << 32)
+    assert m.read(COMMON + 0x14, 1) & VIRTIO_CONFIG_S_FEATURES_OK
+    m.write(COMMON + 0x14, 1, 0xF)
+    hdr = struct.pack("<IIQ", VIRTIO_BLK_T_IN, 0, 0)
+    head = drv.add([(hdr, False), (512, True), (1, True)])            # header at 0x10000, status at 0x10210
+    mem.write(0x11000, b"\x5a" * 512)
+    drv.write_desc(head + 1, 0x11000, 512, 3, head + 2)               # data: an unmapped page
+    drv.publish(head)
+    m.write(NOTIFY, 2, 0)
+    assert drv.take_used() == [(head, 1)]
+    assert mem.read(0x10210, 1) == b"\x01"                            # IOERR in the status byte
+    assert mem.read(0x11000, 512) == b"\x5a" * 512
+    m.write(COMMON + 0x14, 1, 0)
+    pages.discard(0x3000 >> 12)                                       # the used ring's page unmapped
+    setup_driver(board, mem, 3 << 32)
+    m.write(COMMON + 0x14, 1, 0xF)
+    assert m.read(COMMON + 0x14, 1) & VIRTIO_CONFIG_S_NEEDS_RESET
