@@ -94,6 +94,13 @@ def _add_run_options(p: argparse.ArgumentParser) -> None:
     manage = p.add_argument_group("management")
     manage.add_argument("--qmp", metavar="unix:PATH", help="serve QMP (QEMU's machine protocol) on a Unix socket")
     manage.add_argument("--pidfile", metavar="FILE", help="write pyhv's process id to FILE (removed at exit)")
+    manage.add_argument("--gdb", metavar="tcp:[HOST]:PORT",
+                        help="serve GDB's remote protocol (QEMU's -gdb): `target remote HOST:PORT` in gdb; "
+                             "vCPUs are threads, addresses are guest-virtual; the VM stops while gdb attaches")
+    manage.add_argument("-s", dest="gdb", action="store_const", const="tcp::1234",
+                        help="shorthand for --gdb tcp::1234 (as QEMU's -s)")
+    manage.add_argument("-S", dest="start_paused", action="store_true",
+                        help="do not start the vCPUs: wait for gdb's continue or QMP's cont (as QEMU's -S)")
     io = p.add_argument_group("consoles")
     io.add_argument("--serial", default="stdio", metavar="BACKEND",
                     help="serial port 0x3f8: stdio | file:PATH | socket:PATH | pty | none (default: stdio)")

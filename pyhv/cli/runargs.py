@@ -13,6 +13,7 @@ import json
 import logging
 import os
 import signal
+import sys
 from dataclasses import fields
 from typing import TYPE_CHECKING
 
@@ -22,6 +23,7 @@ from pyhv.errors import ConfigError
 if TYPE_CHECKING:
     from pyhv.machine.machine import Machine
     from pyhv.monitor.qmp import QmpServer
+    from pyhv.monitor.gdbstub import GdbStub
 
 log = logging.getLogger(__name__)
 
@@ -154,6 +156,7 @@ class RunHooks:
     def __init__(self, args: argparse.Namespace) -> None:
         self.args = args
         self.qmp: "QmpServer | None" = None
+        self.gdb: "GdbStub | None" = None
         self.pidfile: str | None = None
         self.old_sigterm: object = None
 
@@ -161,6 +164,10 @@ class RunHooks:
         if getattr(self.args, "qmp", None):
             from pyhv.monitor.qmp import QmpServer, parse_qmp_address
             self.qmp = QmpServer(machine, parse_qmp_address(self.args.qmp))
+        if getattr(self.args, "gdb", None):
+            from pyhv.monitor.gdbstub import GdbStub, parse_gdb_address
+            self.gdb = GdbStub(machine, parse_gdb_address(self.args.gdb))
+        machine.start_paused = bool(getattr(self.args, "start_paused", False))
         if getattr(self.args, "pidfile", None):
             write_pidfile(self.args.pidfile)
             self.pidfile = self.args.pidfile
@@ -170,11 +177,19 @@ class RunHooks:
     def start(self) -> None:
         if self.qmp is not None:
             self.qmp.start()
+        if self.gdb is not None:
+            self.gdb.start()
+            host, port = self.gdb.address
+            print(f"pyhv: gdb stub on {host}:{port} (in gdb: target remote {host}:{port})", file=sys.stderr,
+                  flush=True)
 
     def close(self) -> None:
         if self.qmp is not None:
             self.qmp.close()
             self.qmp = None
+        if self.gdb is not None:
+            self.gdb.close()
+            self.gdb = None
         if self.pidfile:
             try:
                 os.unlink(self.pidfile)

@@ -24,6 +24,7 @@ from pyhv.arch.x86.firmware import map_firmware
 from pyhv.arch.x86.linux_boot import AcpiBlob, LinuxBoot
 from pyhv.arch.x86.pvm import nested_safe_cpuid, pvm_cmdline
 from pyhv.arch.x86.pvm_syscall import SyscallRepair
+from pyhv.machine.guest_debug import GuestDebugger
 from pyhv.arch.x86.reset import reset_state
 from pyhv.runtime.chardev import Chardev, open_chardev
 from pyhv.config import VmConfig
@@ -69,7 +70,8 @@ class Machine:
         self._done = threading.Event()
         self._lifecycle = threading.RLock()
         self.first_run_monotonic: float | None = None
-        self.state = "created"            # created | running | paused | shutdown
+        self.state = "created"            # created | running | paused | debug (stopped by gdb) | shutdown
+        self.start_paused = False         # start() leaves the vCPUs stopped before their first instruction
         self.listeners: list[Callable[[str, dict], None]] = []   # lifecycle events (QMP): (event, data)
         self.iothread = IoThread()
         self.chardevs: list[Chardev] = []
@@ -102,8 +104,9 @@ class Machine:
             self.vcpus.append(VcpuThread(vcpu, self.io, self.memory, handlers, accounting=config.accounting,
                                          on_first_run=self._first_run if i == 0 else None))
         fix = config.pvm_syscall_fix
-        self.syscall_repair = SyscallRepair(self.guest_memory.read) if self.linux is not None and (
-            fix == "on" or (fix == "auto" and self.flavour.is_pvm)) else None
+        self.syscall_repair = SyscallRepair(self.guest_memory.read, lambda v: self.debugger.apply(v)) \
+            if self.linux is not None and (fix == "on" or (fix == "auto" and self.flavour.is_pvm)) else None
+        self.debugger = GuestDebugger(self)
         self.coalesced = CoalescedIo.create(self.kvm, self.vm, self.vcpus[0].vcpu.run_map, self.io, self.memory)
         if self.coalesced is not None:
             self.coalesced.add(DebugCon.PORT, DebugCon.SIZE)     # SeaBIOS's log: no exit per byte
@@ -311,6 +314,8 @@ class Machine:
             failure = vcpu.vcpu.run.emulation_failure
             if failure.flags & C.KVM_INTERNAL_ERROR_EMULATION_FLAG_INSTRUCTION_BYTES:
                 code = bytes(failure.insn_bytes[:failure.insn_size])
+                if code[:1] == b"\xcc" and self.debugger.on_int3(vcpu):
+                    return True
                 completer = InstructionCompleter(vcpu.vcpu, self.guest_memory.read, self.guest_memory.write)
                 try:
                     name = completer.complete(code)
@@ -331,6 +336,8 @@ class Machine:
     def _on_debug(self, vcpu: VcpuThread, reason: int) -> bool:
         done = self.syscall_repair.on_debug_exit(vcpu.vcpu) if self.syscall_repair else None
         if done is None:
+            if self.debugger.on_debug_exit(vcpu):
+                return True
             return self.crash(vcpu, f"unexpected debug exit at {vcpu.vcpu.run.debug.pc:#x}")
         if done in ("syscall", "fault"):
             self._count_fallback(vcpu, "syscall" if done == "syscall" else "page-fault pass-through")
@@ -417,6 +424,10 @@ class Machine:
             if self.coalesced is not None:
                 self._schedule_drain()
             self.state = "running"
+            if self.start_paused:              # QEMU's -S: the vCPUs wait before their first instruction
+                for v in self.vcpus:
+                    v.request_pause()
+                self.state = "paused"
             for v in self.vcpus:
                 v.start()
             if self.syscall_repair is not None:
@@ -506,6 +517,33 @@ class Machine:
                 self.poller.resume()
             self._resume_vcpus()
         self._emit("RESUME")
+
+    def debug_stop(self) -> None:
+        """Stop every vCPU for a debugger (state "debug", QEMU's RUN_STATE_DEBUG); a STOP event if it ran."""
+        with self._lifecycle:
+            if self.state not in ("running", "paused", "debug"):
+                return
+            was_running = self.state == "running"
+            self._pause_vcpus()
+            self.state = "debug"
+        if was_running:
+            self._emit("STOP")
+
+    def debug_resume(self, vcpu_ids: set[int]) -> None:
+        """Let the vCPUs in `vcpu_ids` run again after a debugger stop (the others stay stopped)."""
+        with self._lifecycle:
+            if self.state != "debug":
+                return
+            for v in self.vcpus:
+                if v.id in vcpu_ids:
+                    v.resume()
+            self.state = "running"
+        self._emit("RESUME")
+
+    def vcpu_thread(self) -> VcpuThread | None:
+        """The vCPU whose thread is calling, or None."""
+        current = threading.current_thread()
+        return next((v for v in self.vcpus if v.thread is current), None)
 
     def _resume_vcpus(self) -> None:
         for v in self.vcpus:

@@ -77,10 +77,11 @@ class GuestMemory:
             gpa, length = gpa + n, length - n
         return bytes(out)
 
-    def write(self, gpa: int, data: bytes | bytearray | memoryview) -> None:
+    def write(self, gpa: int, data: bytes | bytearray | memoryview, *, rom: bool = False) -> None:
+        """Write guest RAM; `rom=True` also writes read-only memory (firmware), as a debugger patching code does."""
         data = memoryview(data).cast("B")
         while len(data):
-            view, off = self._find(gpa, 1, True)
+            view, off = self._find(gpa, 1, not rom)
             n = min(len(data), len(view) - off)
             view[off:off + n] = data[:n]
             gpa, data = gpa + n, data[n:]

@@ -17,7 +17,8 @@ if TYPE_CHECKING:
 
 EXIT_GUEST_CRASHED = 3
 
-QEMU_STATUS = {"created": "prelaunch", "running": "running", "paused": "paused", "shutdown": "shutdown"}
+QEMU_STATUS = {"created": "prelaunch", "running": "running", "paused": "paused", "debug": "debug",
+               "shutdown": "shutdown"}
 JSON_TYPES = {str: "string", int: "int", bool: "boolean", dict: "object", list: "array"}
 
 

@@ -46,8 +46,13 @@ class _VcpuState:
 
 
 class SyscallRepair:
-    def __init__(self, read_phys: Callable[[int, int], bytes]) -> None:
+    """`apply_debug(vcpu)` sets the vCPU's KVM_SET_GUEST_DEBUG from `debug_request()` (and whatever else uses the
+    debug registers, e.g. a gdb session: pyhv/machine/guest_debug.py), so the repair owns DR0 and nothing more."""
+
+    def __init__(self, read_phys: Callable[[int, int], bytes],
+                 apply_debug: Callable[[Vcpu], None] | None = None) -> None:
         self.read_phys = read_phys
+        self.apply_debug = apply_debug or self._apply_alone
         self.vcpus: dict[int, _VcpuState] = {}
         self.repaired = 0
         self.page_faults = 0
@@ -67,9 +72,22 @@ class SyscallRepair:
             out += self.read_phys(phys, chunk)
         return bytes(out)
 
-    def _breakpoint(self, vcpu: Vcpu, address: int) -> None:
-        vcpu.set_guest_debug(C.KVM_GUESTDBG_ENABLE | C.KVM_GUESTDBG_USE_HW_BP,
-                             [address, 0, 0, 0, 0, 0, 0, DR7_FIXED_1 | DR7_L0])
+    def debug_request(self, vcpu_id: int) -> tuple[int | None, bool]:
+        """What this vCPU needs: (DR0's breakpoint address or None, single-step?)."""
+        state = self.vcpus.get(vcpu_id)
+        if state is None:
+            return None, False
+        return (None, True) if state.stepping else (state.handler, False)
+
+    def _apply_alone(self, vcpu: Vcpu) -> None:
+        address, step = self.debug_request(vcpu.id)
+        if step:
+            vcpu.set_guest_debug(C.KVM_GUESTDBG_ENABLE | C.KVM_GUESTDBG_SINGLESTEP)
+        elif address is not None:
+            vcpu.set_guest_debug(C.KVM_GUESTDBG_ENABLE | C.KVM_GUESTDBG_USE_HW_BP,
+                                 [address, 0, 0, 0, 0, 0, 0, DR7_FIXED_1 | DR7_L0])
+        else:
+            vcpu.set_guest_debug(0)
 
     def try_arm(self, vcpu: Vcpu) -> bool:
         """Arm the breakpoint if the guest kernel has set up SYSCALL on this vCPU (call on the vCPU's thread)."""
@@ -85,13 +103,13 @@ class SyscallRepair:
         low, _selector, _ist, _attr, mid, high = struct.unpack_from("<HHBBHI", gate)
         handler = low | (mid << 16) | (high << 32)
         self.vcpus[vcpu.id] = _VcpuState(lstar, handler)
-        self._breakpoint(vcpu, handler)
+        self.apply_debug(vcpu)
         log.info("vCPU %d: SYSCALL repair armed (LSTAR %#x, page-fault handler %#x)", vcpu.id, lstar, handler)
         return True
 
     def disarm(self, vcpu: Vcpu) -> None:
-        vcpu.set_guest_debug(0)
         self.vcpus.pop(vcpu.id, None)
+        self.apply_debug(vcpu)
 
     def on_debug_exit(self, vcpu: Vcpu) -> str | None:
         """Handle a KVM_EXIT_DEBUG: "syscall" (repaired), "fault" (the guest's own page fault, let through),
@@ -102,7 +120,7 @@ class SyscallRepair:
             return None
         if state.stepping:
             state.stepping = False
-            self._breakpoint(vcpu, state.handler)
+            self.apply_debug(vcpu)
             return "rearmed"
         if debug.pc != state.handler:
             return None
@@ -115,7 +133,7 @@ class SyscallRepair:
                 return "syscall"
         self.page_faults += 1
         state.stepping = True
-        vcpu.set_guest_debug(C.KVM_GUESTDBG_ENABLE | C.KVM_GUESTDBG_SINGLESTEP)
+        self.apply_debug(vcpu)
         return "fault"
 
     def _complete_syscall(self, vcpu: Vcpu, regs: S.kvm_regs, lstar: int, user_rsp: int) -> None:
