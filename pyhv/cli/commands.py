@@ -161,6 +161,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_common(vhost_cli.add_parser(sub))
     from pyhv.assets.cli import add_parser as add_guest_parser
     add_guest_parser(sub)
+    from pyhv.cli.top import add_parser as add_top_parser
+    _add_common(add_top_parser(sub))
     return parser
 
 

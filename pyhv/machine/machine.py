@@ -12,10 +12,11 @@ debug-exit 0xf4; the PIC, PIT (0x40-0x43, 0x61) and IOAPIC are KVM's in-kernel m
 from __future__ import annotations
 
 import logging
+import os
 import sys
 import threading
 import time
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 from pyhv.arch.x86 import cpu_dump, pm_interrupt
 from pyhv.arch.x86.cpuid import processor_signature, vcpu_cpuid
@@ -45,6 +46,9 @@ from pyhv.kvm import constants as C
 from pyhv.memory import AddressSpace, GuestMemory, GuestMemoryError, MemoryRegion, RamBlock, memory_transaction
 from pyhv.memory.kvm_slots import KvmMemslots
 from pyhv.stats import ExitStats
+
+if TYPE_CHECKING:
+    from pyhv.kvm.binary_stats import StatsReader
 from pyhv.machine.board import Board
 from pyhv.machine.vcpu import VcpuThread, install_kick_handler
 from pyhv.arch.x86.layout import (ACPI_TABLES_ADDR, BELOW_4G_LIMIT, FOUR_GIB, IDENTITY_MAP_ADDR, TSS_ADDR, VGA_END,
@@ -55,6 +59,17 @@ log = logging.getLogger(__name__)
 
 DEFAULT_CMDLINE = "console=ttyS0 reboot=k panic=-1"
 EXIT_GUEST_CRASHED = 3               # internal error, failed entry, triple fault
+
+
+def thread_cpu_time(native_id: int) -> dict[str, float]:
+    """User and system CPU seconds of one of this process's threads (/proc/self/task/TID/stat; {} if gone)."""
+    try:
+        with open(f"/proc/self/task/{native_id}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return {}
+    ticks = os.sysconf("SC_CLK_TCK")
+    return {"user": int(fields[11]) / ticks, "system": int(fields[12]) / ticks}
 
 
 class Machine:
@@ -71,6 +86,7 @@ class Machine:
         self._lifecycle = threading.RLock()
         self.first_run_monotonic: float | None = None
         self.state = "created"            # created | running | paused | debug (stopped by gdb) | shutdown
+        self._stats_readers: tuple | None = None
         self.start_paused = False         # start() leaves the vCPUs stopped before their first instruction
         self.listeners: list[Callable[[str, dict], None]] = []   # lifecycle events (QMP): (event, data)
         self.iothread = IoThread()
@@ -590,17 +606,27 @@ class Machine:
 
     def kvm_stats(self) -> dict[str, int]:
         """KVM's own per-vCPU counters, summed (the ones QEMU's query-stats shows too); {} if unavailable."""
-        from pyhv.kvm.binary_stats import read_stats
         total: dict[str, int] = {}
-        for v in self.vcpus:
-            try:
-                stats = read_stats(v.vcpu.fd)
-            except OSError:
-                return {}
+        try:
+            readers = self.kvm_stats_readers()[1]
+        except OSError:
+            return {}
+        for reader in readers:
+            stats = reader.read()
             for name in self.KVM_STATS:
                 if isinstance(stats.get(name), int):
                     total[name] = total.get(name, 0) + stats[name]
         return total
+
+    def kvm_stats_readers(self) -> tuple["StatsReader", list["StatsReader"]]:
+        """KVM's binary statistics files of the VM and of each vCPU (opened once, on the vCPU's thread: opening
+        waits for KVM_RUN, reading does not). OSError where KVM has none (before Linux 5.14)."""
+        from pyhv.kvm.binary_stats import StatsReader
+        if self._stats_readers is None:
+            vm = StatsReader(self.vm.fd)
+            vcpus = [v.call(lambda v=v: StatsReader(v.vcpu.fd)) for v in self.vcpus]
+            self._stats_readers = (vm, vcpus)  # type: ignore[assignment]
+        return self._stats_readers  # type: ignore[return-value]
 
     def virtio_stats(self) -> dict:
         """Per virtio device: the driver's notifications per queue (kicks and exits alike) and whether the sidecore
@@ -612,6 +638,61 @@ class Machine:
                 out[transport.name] = {"notifications": list(backend.notifications), "polled": backend.polled}
         if self.poller is not None:
             out["sidecore"] = self.poller.describe()
+        return out
+
+    def exits_report(self) -> dict:
+        """Everything `x-pyhv-exits` and `pyhv top` show: per vCPU its state, CPU time and exits (by reason, port,
+        MMIO region and device), the totals, the I/O thread's load and the virtqueues' depths."""
+        owner = self.port_owner
+        vcpus = []
+        for v in self.vcpus:
+            data = v.stats.as_dict(owner)
+            data["by_device"] = self._exits_by_device(v.stats)
+            thread = v.thread
+            native = thread.native_id if thread is not None and thread.native_id is not None else 0
+            state = "stopped" if v.finished else "paused" if v.paused else "running" if thread else "created"
+            vcpus.append({"cpu-index": v.id, "thread-id": native, "state": state,
+                          "cpu-time": thread_cpu_time(native), **data})
+        total = self.exit_stats()
+        wakeups, callbacks, busy_ns = self.iothread.stats
+        io_native = self.iothread.native_id
+        return {"state": self.state, "monotonic": time.monotonic(), "accounting": self.config.accounting,
+                "vcpus": vcpus, "total": {**total.as_dict(owner), "by_device": self._exits_by_device(total)},
+                "iothread": {"wakeups": wakeups, "callbacks": callbacks, "busy_ns": busy_ns,
+                             "thread-id": io_native, "cpu-time": thread_cpu_time(io_native)},
+                "virtqueues": self._virtqueue_depths()}
+
+    def _exits_by_device(self, stats: ExitStats) -> dict[str, dict[str, int]]:
+        """Port and MMIO exits summed per device (the owner of the region that answered)."""
+        out: dict[str, dict[str, int]] = {}
+
+        def add(name: str, cell: list[int]) -> None:
+            entry = out.setdefault(name, {"count": 0, "ns": 0})
+            entry["count"] += cell[0]
+            entry["ns"] += cell[1]
+        table = self.io.view.port_table
+        for port, cell in list(stats.by_port.items()):
+            region = table[port].region
+            add(region.owner if region is not None else "unassigned", cell)
+        for region, cell in list(stats.by_mmio.items()):
+            add(getattr(region, "owner", None) or "unassigned", cell)
+        return out
+
+    def _virtqueue_depths(self) -> dict[str, list[int | None]]:
+        """Per virtio device, the chains each queue's driver made available that the device has not taken yet."""
+        out: dict[str, list[int | None]] = {}
+        for transport in self.board.transports:
+            backend = getattr(transport, "backend", None)
+            queues = getattr(backend, "queues", None)
+            if queues is None:
+                continue
+            depths: list[int | None] = []
+            for queue in list(queues):
+                try:
+                    depths.append(queue.pending() if queue is not None else None)
+                except Exception:            # a ring the guest broke: reported as unknown, never raised
+                    depths.append(None)
+            out[transport.name] = depths
         return out
 
     def iommu_stats(self) -> dict | None:
@@ -678,7 +759,7 @@ class Machine:
 
     def close(self) -> None:
         """Free KVM and host resources (after wait(), or for a machine that never started)."""
-        if self.state in ("running", "paused"):
+        if self.state in ("running", "paused", "debug"):
             self.shutdown(0, "closed")
             self.wait()
         elif self.state == "created":
@@ -687,6 +768,11 @@ class Machine:
             self.iothread.stop()
         if self.coalesced is not None:
             self.coalesced.close()
+        if self._stats_readers is not None:
+            vm_reader, vcpu_readers = self._stats_readers
+            for reader in (vm_reader, *vcpu_readers):
+                reader.close()
+            self._stats_readers = None
         for v in self.vcpus:
             v.vcpu.close()
         self.board.close()

@@ -284,3 +284,93 @@ def query_iommu(server: "QmpServer") -> dict:
 def query_exit_stats(server: "QmpServer") -> dict:
     machine = server.machine
     return machine.exit_stats().as_dict(machine.port_owner)
+
+
+@command("x-pyhv-exits")
+def x_pyhv_exits(server: "QmpServer") -> dict:
+    """pyhv's: exits by reason, port, MMIO region and device, per vCPU and in total, with handling time, vCPU
+    states and CPU time, the I/O thread's load and the virtqueues' depths (what `pyhv top` shows)."""
+    return server.machine.exits_report()
+
+
+STATS_TARGETS = ("vm", "vcpu", "cryptodev")
+
+
+def _stats_target(target: str) -> None:
+    if target not in STATS_TARGETS:
+        raise QmpCommandError(f"Parameter 'target' does not accept value '{target}'")
+
+
+def _wanted_names(providers: list | None) -> set[str] | None:
+    """QEMU's `providers` filter: None means every KVM statistic; a provider other than kvm selects nothing."""
+    if providers is None:
+        return None
+    names: set[str] = set()
+    for p in providers:
+        name = p.get("provider") if isinstance(p, dict) else p
+        if name not in ("kvm", "cryptodev"):
+            raise QmpCommandError(f"Parameter 'provider' does not accept value '{name}'")
+        if name != "kvm":
+            continue
+        if "names" not in p:
+            return None
+        names.update(p["names"])
+    return names
+
+
+def _stats_readers(server: "QmpServer", target: str, vcpus: list | None) -> list[tuple[str | None, object]]:
+    if target == "cryptodev":
+        return []                               # no crypto devices
+    try:
+        vm, per_vcpu = server.machine.kvm_stats_readers()
+    except OSError as e:
+        raise QmpCommandError(f"KVM statistics are not available on this host: {e.strerror}") from None
+    if target == "vm":
+        return [(None, vm)]
+    objects = [(f"/machine/unattached/device[{i}]", r) for i, r in enumerate(per_vcpu)]
+    return [o for o in objects if vcpus is None or o[0] in vcpus]
+
+
+@command("query-stats", target=(str, True), vcpus=(list, False), providers=(list, False))
+def query_stats(server: "QmpServer", target: str, vcpus: list | None = None, providers: list | None = None) -> list:
+    """QEMU's query-stats: KVM's binary statistics (KVM_GET_STATS_FD) of the VM or of each vCPU."""
+    _stats_target(target)
+    wanted = _wanted_names(providers)          # an empty set: only other providers were asked for
+    out = []
+    for qom_path, reader in _stats_readers(server, target, vcpus) if wanted != set() else []:
+        values = reader.read()  # type: ignore[attr-defined]
+        stats = []
+        for desc in reader.schema:  # type: ignore[attr-defined]
+            if wanted is not None and desc.name not in wanted:
+                continue
+            value = values[desc.name]
+            stats.append({"name": desc.name, "value": bool(value) if desc.unit == "boolean" else value})
+        result: dict = {"provider": "kvm", "stats": stats}
+        if qom_path is not None:
+            result["qom-path"] = qom_path
+        out.append(result)
+    return out
+
+
+@command("query-stats-schemas", provider=(str, False))
+def query_stats_schemas(server: "QmpServer", provider: str | None = None) -> list:
+    """QEMU's query-stats-schemas: each KVM statistic's type, unit, base and exponent, per target."""
+    if provider not in (None, "kvm", "cryptodev"):
+        raise QmpCommandError(f"Parameter 'provider' does not accept value '{provider}'")
+    if provider == "cryptodev":
+        return []
+    out = []
+    for target in ("vm", "vcpu"):
+        readers = _stats_readers(server, target, None)
+        if not readers:
+            continue
+        stats = []
+        for d in readers[0][1].schema:  # type: ignore[attr-defined]
+            entry: dict = {"name": d.name, "type": d.type, "base": d.base, "exponent": d.exponent}
+            if d.unit:
+                entry["unit"] = d.unit
+            if d.type == "linear-histogram":
+                entry["bucket-size"] = d.bucket_size
+            stats.append(entry)
+        out.append({"provider": "kvm", "target": target, "stats": stats})
+    return out

@@ -37,6 +37,7 @@ class IoThread:
         self._lock = threading.Lock()
         self._thread: threading.Thread | None = None
         self._stopping = False
+        self.stats = [0, 0, 0]         # wake-ups, callbacks run, ns spent running them (`pyhv top`, QMP)
 
     # --- registration (thread-safe: changes are applied on the loop thread) ------------------------------
     def add_reader(self, fd: int, callback: Callable[[], None]) -> None:
@@ -79,6 +80,11 @@ class IoThread:
             pass
 
     # --- loop ------------------------------------------------------------------------------------------------
+    @property
+    def native_id(self) -> int:
+        thread = self._thread
+        return thread.native_id or 0 if thread is not None else 0
+
     def start(self) -> None:
         if self._thread is None:
             self._thread = threading.Thread(target=self._run, name=self.name, daemon=True)
@@ -104,11 +110,15 @@ class IoThread:
                     timeout = max(0.0, self._timers[0][0] - time.monotonic())
             if self._calls:
                 timeout = 0
-            for key, _ in self.selector.select(timeout):
+            events = self.selector.select(timeout)
+            woke = time.perf_counter_ns()
+            for key, _ in events:
                 self._call(key.data)
+            calls = len(events)
             while self._calls:
                 fn, args = self._calls.popleft()
                 self._call(fn, *args)
+                calls += 1
             now = time.monotonic()
             while True:
                 with self._lock:
@@ -117,6 +127,11 @@ class IoThread:
                     _, _, timer = heapq.heappop(self._timers)
                 if not timer.cancelled:
                     self._call(timer.fn)
+                    calls += 1
+            stats = self.stats
+            stats[0] += 1
+            stats[1] += calls
+            stats[2] += time.perf_counter_ns() - woke
 
     @staticmethod
     def _call(fn: Callable, *args: object) -> None:
