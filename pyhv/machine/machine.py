@@ -127,7 +127,7 @@ class Machine:
         if self.coalesced is not None:
             self.coalesced.add(DebugCon.PORT, DebugCon.SIZE)     # SeaBIOS's log: no exit per byte
             for v in self.vcpus:
-                v.pre_exit = self.coalesced.drain
+                v.pre_exit, v.coalesced = self.coalesced.drain, self.coalesced
         self._initial_lapics = [v.vcpu.get_lapic() for v in self.vcpus]
         self._initial_irqchips = [self.vm.get_irqchip(chip) for chip in range(3)]
         self._boot_state()

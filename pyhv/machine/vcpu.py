@@ -26,6 +26,7 @@ from pyhv.memory.address_space import ALL_ONES
 from pyhv.stats import ExitStats
 
 if TYPE_CHECKING:
+    from pyhv.machine.coalesced_io import CoalescedIo
     from pyhv.memory import AddressSpace
 
 log = logging.getLogger(__name__)
@@ -34,6 +35,7 @@ KICK_SIGNAL = signal.SIGUSR1
 _IO = struct.Struct("=BBHIQ")          # kvm_run.io: direction, size, port, count, data_offset
 _MMIO = struct.Struct("=Q8sIB")        # kvm_run.mmio: phys_addr, data, len, is_write
 _MMIO_DATA = KVM_RUN_EXIT_DATA + 8
+_RING_HEAD = struct.Struct("=II")      # kvm_coalesced_mmio_ring: first, last
 
 ExitHandler = Callable[["VcpuThread", int], bool]   # returns False to stop this vCPU
 
@@ -58,7 +60,8 @@ class VcpuThread:
         self.memory = memory
         self.exit_handlers = exit_handlers
         self.accounting = accounting
-        self.pre_exit: Callable[[], None] | None = None   # runs before each exit is handled (coalesced I/O)
+        self.pre_exit: Callable[[], None] | None = None   # replays coalesced I/O before an exit is handled
+        self.coalesced: "CoalescedIo | None" = None          # whose ring the loop checks (set with pre_exit)
         self.stats = ExitStats()
         self.on_first_run = on_first_run
         self.thread: threading.Thread | None = None
@@ -194,6 +197,9 @@ class VcpuThread:
         mmio_view = mmio_range = None                          # one-entry cache of the last MMIO range
         mmio_start = mmio_end = 0
         pre_exit = self.pre_exit
+        coalesced = self.coalesced
+        ring = coalesced.ring if coalesced is not None else None
+        unpack_head = _RING_HEAD.unpack_from
         if self.on_first_run is not None:
             self.on_first_run()
         t_done = t_exit = clock()
@@ -202,8 +208,10 @@ class VcpuThread:
             ret = ioctl(fd, KVM_RUN, 0)
             if accounting:
                 t_exit = clock()
-            if pre_exit is not None:
-                pre_exit()
+            if ring is not None:                               # coalesced writes queued by KVM: replay them first
+                first, last = unpack_head(ring, 0)
+                if first != last:
+                    pre_exit()
             if ret < 0:
                 err = get_errno()
                 if err != errno.EINTR and err != errno.EAGAIN:
@@ -227,11 +235,13 @@ class VcpuThread:
                 fr = port_table[port]
                 if count == 1 and port + size <= fr.end:
                     if out:
-                        fr.write(port, size, run[off] if size == 1 else int.from_bytes(run[off:off + size], "little"))
+                        fr.io_write(port + fr.delta, size,
+                                    run[off] if size == 1 else int.from_bytes(run[off:off + size], "little"))
                     elif size == 1:
-                        run[off] = fr.read(port, 1) & 0xFF
+                        run[off] = fr.io_read(port + fr.delta, 1) & 0xFF
                     else:
-                        run[off:off + size] = (fr.read(port, size) & all_ones[size]).to_bytes(size, "little")
+                        run[off:off + size] = (fr.io_read(port + fr.delta, size) & all_ones[size]).to_bytes(
+                            size, "little")
                 else:
                     self._pio_general(out, size, port, count, off)
                 if accounting:
@@ -249,15 +259,14 @@ class VcpuThread:
                 if view is mmio_view and mmio_start <= addr < mmio_end:
                     fr = mmio_range                            # same device as last time: no bisect
                 else:
-                    fr = view.lookup(addr)
-                    if fr.region is not None:
-                        mmio_view, mmio_range, mmio_start, mmio_end = view, fr, fr.start, fr.end
-                if addr + length <= fr.end:
+                    fr, mmio_start, mmio_end = view.span(addr)   # a device's range, or a gap (unassigned)
+                    mmio_view, mmio_range = view, fr
+                if addr + length <= mmio_end:
                     if is_write:
-                        fr.write(addr, length, int.from_bytes(data[:length], "little"))
+                        fr.io_write(addr + fr.delta, length, int.from_bytes(data[:length], "little"))
                     else:
-                        run[mmio_data:mmio_data + length] = (fr.read(addr, length) & all_ones[length]).to_bytes(
-                            length, "little")
+                        run[mmio_data:mmio_data + length] = (fr.io_read(addr + fr.delta, length)
+                                                             & all_ones[length]).to_bytes(length, "little")
                 elif is_write:
                     mem_space.write(addr, length, int.from_bytes(data[:length], "little"))
                 else:

@@ -23,7 +23,8 @@ class FlatRange:
 
     `read(addr, size)` and `write(addr, size, value)` take the *address-space* address."""
 
-    __slots__ = ("start", "end", "region", "offset", "readonly", "owner", "read", "write", "space")
+    __slots__ = ("start", "end", "region", "offset", "readonly", "owner", "read", "write", "space",
+                 "delta", "io_read", "io_write")
 
     def __init__(self, start: int, end: int, region: MemoryRegion | None, offset: int, readonly: bool,
                  space: "AddressSpace") -> None:
@@ -31,12 +32,16 @@ class FlatRange:
         self.space = space
         self.owner = region.owner if region is not None else "unassigned"
         delta = offset - start          # region offset = address + delta
+        # The vCPU loop calls io_read(addr + delta, size) / io_write(addr + delta, size, value): for an I/O region
+        # that is the device's own callback with the region offset, one Python call per exit instead of two.
+        self.delta = 0
         if region is None:
             self.read, self.write = space._unassigned_read, space._unassigned_write
         elif region.kind is RegionKind.IO:
             rd, wr = region.read, region.write
             self.read = lambda addr, size: rd(addr + delta, size)
             self.write = lambda addr, size, value: wr(addr + delta, size, value)
+            self.delta, self.io_read, self.io_write = delta, rd, wr
         else:  # ram or rom reached by an exit: a non-page-aligned edge, a ROM write, or a memslot update race
             view = region.block.view
             base = region.block_offset + delta
@@ -53,6 +58,8 @@ class FlatRange:
                 view[i:i + size] = (value & ALL_ONES[size]).to_bytes(size, "little")
 
             self.read, self.write = ram_read, ram_write
+        if region is None or region.kind is not RegionKind.IO:
+            self.io_read, self.io_write = self.read, self.write
 
     @property
     def is_ram(self) -> bool:
@@ -88,6 +95,18 @@ class FlatView:
             if addr < r.end:
                 return r
         return self.unassigned
+
+    def span(self, addr: int) -> tuple[FlatRange, int, int]:
+        """The range that answers for `addr` and the stretch [start, end) around addr that it answers for: its own
+        bounds, or for the unassigned sentinel the gap between its neighbours (so callers can cache either)."""
+        i = bisect_right(self.starts, addr) - 1
+        if i >= 0:
+            r = self.ranges[i]
+            if addr < r.end:
+                return r, r.start, r.end
+        lo = self.ranges[i].end if i >= 0 else 0
+        hi = self.ranges[i + 1].start if i + 1 < len(self.ranges) else self.space.size
+        return self.unassigned, lo, hi
 
     def ram_ranges(self) -> Iterable[FlatRange]:
         return (r for r in self.ranges if r.is_ram)

@@ -183,6 +183,14 @@ def test_hostile_gdb_clients_leave_the_vm_running(guest):
             stopped = counter()
             time.sleep(0.2)
             assert counter() == stopped                               # gdb holds the VM
+            first.sendall(frame(b"c"))                                # run, then Ctrl-C stops it again
+            deadline = time.monotonic() + 10
+            while vm.state != "running" and time.monotonic() < deadline:
+                time.sleep(0.02)
+            assert vm.state == "running"
+            first.sendall(b"\x03")
+            assert b"T02thread:1;" in _recv_until(first, rb"T02thread:1;")
+            assert vm.state == "debug"
             first.sendall(b"$g#00")                                   # bad checksum: NAK
             assert _recv_until(first, rb"-") == b"-"
             first.sendall(b"$" + b"M0,1:" + b"0" * 100000 + b"#00")  # oversized: NAK, nothing buffered
@@ -207,5 +215,16 @@ def test_hostile_gdb_clients_leave_the_vm_running(guest):
             time.sleep(0.3)
             assert counter() != before                                # and the guest runs on
             assert stub.refused == 1 and stub.bad_packets >= 2
+            third = socket.create_connection(stub.address)          # attach again, then detach with D
+            third.sendall(frame(b"?"))
+            assert b"T05" in _recv_until(third, rb"T05")
+            assert vm.state == "debug"
+            third.sendall(frame(b"D"))
+            assert b"$OK#9a" in _recv_until(third, rb"\$OK#9a")
+            deadline = time.monotonic() + 10
+            while vm.state != "running" and time.monotonic() < deadline:
+                time.sleep(0.05)
+            assert vm.state == "running"
+            third.close()
         finally:
             stub.close()

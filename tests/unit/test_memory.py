@@ -227,3 +227,19 @@ def test_guest_memory_bounds():
     assert mem.read(0x40000, 1) == b"\1"
     with pytest.raises(GuestMemoryError):
         mem.write(0x40000, b"\0")
+
+
+def test_span_gives_a_device_its_bounds_and_a_gap_its_own():
+    root, sp = space(0x10000)
+    dev = Recorder()
+    root.add_subregion(0x1000, MemoryRegion.io("a", 0x100, dev.read, dev.write))
+    root.add_subregion(0x3000, MemoryRegion.io("b", 0x100, dev.read, dev.write))
+    fr, lo, hi = sp.view.span(0x1010)
+    assert (fr.region.name, lo, hi) == ("a", 0x1000, 0x1100)
+    assert sp.view.span(0x2000)[1:] == (0x1100, 0x3000)          # the gap between a and b
+    assert sp.view.span(0x2000)[0] is sp.view.unassigned
+    assert sp.view.span(0x10)[1:] == (0, 0x1000)
+    assert sp.view.span(0x8000)[1:] == (0x3100, 0x10000)
+    fr = sp.view.span(0x3004)[0]
+    fr.io_write(0x3004 + fr.delta, 2, 0xBEEF)                     # the device's own callback, region offset
+    assert dev.log[-1] == ("w", 4, 2, 0xBEEF)
