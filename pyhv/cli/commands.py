@@ -10,6 +10,7 @@ import argparse
 import json
 import logging
 import sys
+import time
 from typing import TYPE_CHECKING, Sequence
 
 from pyhv.version import __version__
@@ -91,6 +92,12 @@ def _add_run_options(p: argparse.ArgumentParser) -> None:
     files = p.add_argument_group("the VM from a file (options given as well override the file's values)")
     files.add_argument("--config", metavar="FILE", help="a VM config in JSON (the fields of VmConfig)")
     files.add_argument("--domain", metavar="FILE", help="a libvirt domain XML file")
+    files.add_argument("--restore", metavar="DIR",
+                       help="resume the VM saved in a snapshot directory (pyhv snapshot create): its memory file is "
+                            "mapped copy-on-write, so several VMs may start from one snapshot; only consoles and "
+                            "diagnostics may be changed")
+    files.add_argument("--paused", dest="start_paused", action="store_true",
+                       help="with --restore (or not): leave the vCPUs stopped until QMP cont or gdb's continue")
     manage = p.add_argument_group("management")
     manage.add_argument("--qmp", metavar="unix:PATH", help="serve QMP (QEMU's machine protocol) on a Unix socket")
     manage.add_argument("--pidfile", metavar="FILE", help="write pyhv's process id to FILE (removed at exit)")
@@ -163,6 +170,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_guest_parser(sub)
     from pyhv.cli.top import add_parser as add_top_parser
     _add_common(add_top_parser(sub))
+    from pyhv.cli.snapshot import add_parser as add_snapshot_parser
+    _add_common(add_snapshot_parser(sub))
     return parser
 
 
@@ -231,6 +240,15 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     config = config_from_args(args)
     machine = Machine(config)
+    if getattr(args, "restore", None):
+        from pyhv.machine.snapshot import SnapshotError, restore
+        try:
+            begun = time.monotonic()
+            restore(machine, args.restore, args.snapshot_body)
+            machine.restore_seconds = time.monotonic() - begun
+        except SnapshotError:
+            machine.close()
+            raise
     hooks = RunHooks(args)
     profiler = None
     try:
@@ -257,6 +275,7 @@ def cmd_run(args: argparse.Namespace) -> int:
             data.update(kvm_flavour=machine.flavour.value, exit_status=status, exit_reason=machine.exit_reason,
                         first_kvm_run_monotonic=machine.first_run_monotonic, kvm=machine.kvm_stats(),
                         virtio=machine.virtio_stats(), iommu=machine.iommu_stats(),
+                        restore_seconds=getattr(machine, "restore_seconds", None),
                         unassigned={"port_reads": machine.io.unassigned_reads,
                                     "port_writes": machine.io.unassigned_writes,
                                     "mmio_reads": machine.memory.unassigned_reads,

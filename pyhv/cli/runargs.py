@@ -57,9 +57,16 @@ def load_json_config(path: str) -> VmConfig:
         raise ConfigError(f"--config {path}: {e}") from None
 
 
+RESTORE_OVERRIDES = {"serial", "debugcon", "on_reset", "log_post", "no_accounting"}   # what --restore lets change
+
+
 def load_file_config(args: argparse.Namespace) -> VmConfig | None:
-    if args.config and args.domain:
-        raise ConfigError("--config and --domain both describe the VM", "give one of them")
+    if sum(bool(getattr(args, k, None)) for k in ("config", "domain", "restore")) > 1:
+        raise ConfigError("--config, --domain and --restore each describe the whole VM", "give one of them")
+    if getattr(args, "restore", None):
+        from pyhv.machine.snapshot import load_state
+        args.snapshot_body = load_state(args.restore)
+        return VmConfig.from_dict(args.snapshot_body["config"])
     if args.config:
         return load_json_config(args.config)
     if args.domain:
@@ -77,6 +84,12 @@ def apply_file(flags: VmConfig, args: argparse.Namespace, explicit: set[str]) ->
     config = load_file_config(args)
     if config is None:
         return flags
+    if getattr(args, "restore", None):
+        changed = {dest for dest in explicit if dest in OPTION_FIELDS} - RESTORE_OVERRIDES
+        if changed:
+            raise ConfigError(f"--restore: the snapshot fixes the VM's hardware; {', '.join(sorted(changed))} "
+                              "cannot change", "only consoles and diagnostics (--serial, --debugcon, --on-reset, "
+                              "--log-post, --no-accounting) may be given with --restore")
     for dest in explicit:
         name = OPTION_FIELDS.get(dest)
         if name is None:

@@ -97,7 +97,7 @@ def render(view: dict, title: str, refresh_ms: float | None = None, rows: int = 
     return "\n".join(lines) + "\n"
 
 
-def _qmp_path(target: str, state_dir: str | None) -> str:
+def qmp_path(target: str, state_dir: str | None) -> str:
     if os.path.exists(target) and not os.path.isdir(target):
         return target
     from pyhv.cli.lifecycle import Domain, default_state_dir
@@ -117,7 +117,7 @@ def _keypress(timeout: float) -> str:
 
 def cmd_top(args: argparse.Namespace) -> int:
     from pyhv.monitor.client import QmpClient, QmpError
-    path = _qmp_path(args.target, getattr(args, "state_dir", None))
+    path = qmp_path(args.target, getattr(args, "state_dir", None))
     try:
         client = QmpClient(path)
     except OSError as e:

@@ -38,6 +38,7 @@ class GedState:
 
 
 class AcpiGed:
+    SNAPSHOT = True                  # `state` is all it keeps (pyhv/machine/snapshot.py)
     REGISTERS = (
         Register(GED_EVENT, "event", read="_read_event", write="_ignore"),
         Register(GED_SLEEP_CONTROL, "sleep_control", write="_write_sleep_control", read="_read_sleep_control"),

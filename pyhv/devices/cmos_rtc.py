@@ -65,6 +65,7 @@ class CmosState:
 
 
 class CmosRtc:
+    SNAPSHOT = True                  # `state` is all it keeps; restored() re-derives the rest
     REGISTERS = (
         Register(0, "index", read="_read_index", write="_write_index"),
         Register(1, "data", read="_read_data", write="_write_data"),
@@ -249,6 +250,11 @@ class CmosRtc:
             return (alarm & 0xC0) == 0xC0 or self._decode(alarm) == value
         return (match(nv[RTC_SECONDS_ALARM], t.tm_sec) and match(nv[RTC_MINUTES_ALARM], t.tm_min)
                 and match(nv[RTC_HOURS_ALARM], t.tm_hour))
+
+    def restored(self) -> None:
+        """After a snapshot's state was loaded: run the interrupt timer again if the guest had enabled one."""
+        with self.lock:
+            self._rearm()
 
     def _rearm(self) -> None:
         """Run a timer while an interrupt source is enabled; it raises IRQ 8 when register C has a flag."""

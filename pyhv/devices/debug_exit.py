@@ -13,6 +13,7 @@ class DebugExitState:
 
 
 class DebugExit:
+    SNAPSHOT = True                  # `state` is all it keeps (pyhv/machine/snapshot.py)
     SIZE = 4
     PORT = 0xF4
 

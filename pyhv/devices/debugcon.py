@@ -16,6 +16,7 @@ class DebugConState:
 
 
 class DebugCon:
+    SNAPSHOT = True                  # `state` is all it keeps (pyhv/machine/snapshot.py)
     SIZE = 1
     PORT = 0x402
 

@@ -62,6 +62,7 @@ class I8042State:
 
 
 class I8042:
+    SNAPSHOT = True                  # `state` is all it keeps; restored() re-derives the rest
     REGISTERS = (
         Register(0, "data", read="_read_data", write="_write_data"),
         Register(4, "status_command", read="_read_status", write="_write_command"),
@@ -109,6 +110,11 @@ class I8042:
     def _queue(self, byte: int, aux: bool = False) -> None:
         self.state.queue.append((byte & 0xFF, aux))
         self._update_irq()
+
+    def restored(self) -> None:
+        """After a snapshot's state was loaded: drive the interrupt lines to what the queue says."""
+        with self.lock:
+            self._update_irq()
 
     def _update_irq(self) -> None:
         s = self.state

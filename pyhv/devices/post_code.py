@@ -16,6 +16,7 @@ class PostCodeState:
 
 
 class PostCode:
+    SNAPSHOT = True                  # `state` is all it keeps (pyhv/machine/snapshot.py)
     SIZE = 1
     PORT = 0x80
 

@@ -84,6 +84,7 @@ class UartState:
 
 
 class Uart16550:
+    SNAPSHOT = True                  # `state` is all it keeps; restored() re-derives the rest
     REGISTERS = (
         Register(0, "rbr_thr", read="_read_rbr", write="_write_thr"),     # DLL when LCR.DLAB
         Register(1, "ier", read="_read_ier", write="_write_ier"),         # DLM when LCR.DLAB
@@ -173,6 +174,11 @@ class Uart16550:
         if (s.ier & UART_IER_MSI) and (s.msr & UART_MSR_DELTAS):
             return UART_IIR_MSI
         return UART_IIR_NO_INT
+
+    def restored(self) -> None:
+        """After a snapshot's state was loaded: drive the interrupt line to what the registers say."""
+        with self.lock:
+            self._update_irq()
 
     def _update_irq(self) -> None:
         self.irq.set_level(self._pending_iir() != UART_IIR_NO_INT)

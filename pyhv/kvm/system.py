@@ -24,6 +24,24 @@ libc_ioctl.restype = ctypes.c_int
 _IOCTL_NAMES = {v: k for k, v in vars(C).items() if k.startswith("KVM_") and not k.startswith(("KVM_CAP", "KVM_EXIT"))}
 
 
+def _ioctl_size(request: int) -> int:
+    return (request >> 16) & 0x3FFF
+
+
+def get_raw(fd: int, request: int) -> bytes:
+    """An _IOR ioctl whose struct pyhv keeps as opaque bytes (the size comes from the request number)."""
+    buf = ctypes.create_string_buffer(_ioctl_size(request))
+    ioctl(fd, request, buf)
+    return buf.raw
+
+
+def set_raw(fd: int, request: int, data: bytes) -> None:
+    size = _ioctl_size(request)
+    if len(data) != size:
+        raise ValueError(f"ioctl {request:#x} takes {size} bytes, got {len(data)}")
+    ioctl(fd, request, ctypes.create_string_buffer(data, size))
+
+
 def ioctl(fd: int, request: int, arg: int | ctypes.Structure | ctypes.Array = 0) -> int:
     """Issue an ioctl; an int argument is passed as unsigned long, a ctypes object by reference."""
     if isinstance(arg, int):
@@ -157,6 +175,16 @@ class Vm:
         ioctl(self.fd, C.KVM_GET_CLOCK, data)
         return data
 
+    def set_clock(self, data: S.kvm_clock_data) -> None:
+        ioctl(self.fd, C.KVM_SET_CLOCK, data)
+
+    def get_pit2(self) -> bytes:
+        """struct kvm_pit_state2, as bytes (saved and restored whole)."""
+        return get_raw(self.fd, C.KVM_GET_PIT2)
+
+    def set_pit2(self, state: bytes) -> None:
+        set_raw(self.fd, C.KVM_SET_PIT2, state)
+
     def get_irqchip(self, chip_id: int) -> S.kvm_irqchip:
         chip = S.kvm_irqchip(chip_id=chip_id)
         ioctl(self.fd, C.KVM_GET_IRQCHIP, chip)
@@ -265,6 +293,32 @@ class Vcpu:
 
     def get_debugregs(self) -> S.kvm_debugregs:
         return self._get(C.KVM_GET_DEBUGREGS, S.kvm_debugregs)
+
+    def set_debugregs(self, regs: S.kvm_debugregs) -> None:
+        ioctl(self.fd, C.KVM_SET_DEBUGREGS, regs)
+
+    def get_xsave(self) -> bytes:
+        """struct kvm_xsave (4 KiB: the legacy region, XSAVE header and extended state), as bytes."""
+        return get_raw(self.fd, C.KVM_GET_XSAVE)
+
+    def set_xsave(self, state: bytes) -> None:
+        set_raw(self.fd, C.KVM_SET_XSAVE, state)
+
+    def get_xcrs(self) -> bytes:
+        return get_raw(self.fd, C.KVM_GET_XCRS)
+
+    def set_xcrs(self, state: bytes) -> None:
+        set_raw(self.fd, C.KVM_SET_XCRS, state)
+
+    def readable_msrs(self, indices: Iterable[int]) -> dict[int, int]:
+        """The MSRs among `indices` that KVM lets this vCPU read (KVM_GET_MSRS stops at the first it refuses:
+        that one is skipped and the rest read on)."""
+        pending, out = list(indices), {}
+        while pending:
+            values = self.get_msrs(pending)
+            out.update(values)
+            pending = pending[len(values) + 1:]
+        return out
 
     def get_tsc_khz(self) -> int:
         return ioctl(self.fd, C.KVM_GET_TSC_KHZ)

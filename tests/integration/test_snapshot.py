@@ -1,0 +1,175 @@
+"""Snapshots under KVM: a project guest mid-computation and the small Linux kernel mid-loop saved by `pyhv snapshot
+create` and resumed by `pyhv run --restore` in new processes (twice at once from one snapshot), and the refusals."""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import subprocess
+import sys
+import time
+
+import pytest
+
+from pyhv.assets.protocol import encode_command
+from pyhv.monitor.client import QmpClient
+
+pytestmark = pytest.mark.kvm
+
+COUNTER = 0x500
+
+
+class Pyhv:
+    def __init__(self, tmp_path, tag: str, *args: str) -> None:
+        self.qmp_path = str(tmp_path / f"{tag}.qmp")
+        self.serial = tmp_path / f"{tag}.serial"
+        self.proc = subprocess.Popen([sys.executable, "-m", "pyhv.cli", "run", "--qmp", f"unix:{self.qmp_path}",
+                                      "--serial", f"file:{self.serial}", *args],
+                                     stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        deadline = time.monotonic() + 60
+        while not os.path.exists(self.qmp_path):
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                raise AssertionError(self.proc.communicate()[1].decode())
+            time.sleep(0.05)
+        self.qmp = QmpClient(self.qmp_path)
+
+    def counter(self, tmp_path) -> int:
+        out = tmp_path / f"counter-{time.monotonic_ns()}.bin"
+        self.qmp.execute("pmemsave", val=COUNTER, size=4, filename=str(out))
+        return int.from_bytes(out.read_bytes(), "little")
+
+    def text(self) -> str:
+        return self.serial.read_text(errors="replace") if self.serial.exists() else ""
+
+    def stop(self) -> tuple[int, str]:
+        try:
+            self.qmp.execute("quit")
+        except (ConnectionError, OSError):
+            pass
+        _, err = self.proc.communicate(timeout=60)
+        return self.proc.returncode, err.decode(errors="replace")
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.communicate()
+
+
+def snapshot(source: Pyhv, directory) -> dict:
+    r = subprocess.run([sys.executable, "-m", "pyhv.cli", "snapshot", "create", str(directory), source.qmp_path,
+                        "--json"], capture_output=True, timeout=120)
+    assert r.returncode == 0, r.stderr.decode()
+    return json.loads(r.stdout)
+
+
+def test_a_guest_mid_computation_resumes_where_it_stopped_twice_at_once(guest, tmp_path):
+    source = Pyhv(tmp_path, "source", "--firmware", guest("counter"))
+    try:
+        while "counter: running" not in source.text():
+            time.sleep(0.05)
+        source.qmp.execute("stop")
+        saved = source.counter(tmp_path)
+        figures = snapshot(source, tmp_path / "snap")
+        assert source.counter(tmp_path) == saved                 # a paused VM stays paused through a snapshot
+        source.qmp.execute("cont")
+        time.sleep(0.2)
+        assert source.counter(tmp_path) > saved                  # and the source runs on
+    finally:
+        source.kill()
+    assert figures["memory_bytes"] >= 128 << 20
+    memory = (tmp_path / "snap" / "memory.raw").read_bytes()
+    assert int.from_bytes(memory[COUNTER:COUNTER + 4], "little") == saved
+    digest = hashlib.sha256(memory).hexdigest()
+    first = Pyhv(tmp_path, "first", "--restore", str(tmp_path / "snap"), "--paused")
+    second = Pyhv(tmp_path, "second", "--restore", str(tmp_path / "snap"))
+    try:
+        assert first.qmp.execute("query-status")["status"] == "paused"
+        assert first.counter(tmp_path) == saved                  # not one instruction ran: exactly where it was
+        time.sleep(0.3)
+        assert first.counter(tmp_path) == saved
+        first.qmp.execute("cont")
+        time.sleep(0.3)
+        a, b = first.counter(tmp_path), second.counter(tmp_path)
+        assert a > saved and b > saved                           # both run on from the saved count
+        first.qmp.execute("stop")
+        frozen = first.counter(tmp_path)
+        time.sleep(0.2)
+        assert first.counter(tmp_path) == frozen and second.counter(tmp_path) > b   # independently
+    finally:
+        first.kill()
+        second.kill()
+    assert hashlib.sha256((tmp_path / "snap" / "memory.raw").read_bytes()).hexdigest() == digest  # copy on write
+
+
+def test_linux_mid_loop_continues_in_a_new_process(linux_guest, tmp_path):
+    loop = "i=0; while :; do i=$((i+1)); read up idle < /proc/uptime; echo tick $i $up; sleep 0.2; done"
+    source = Pyhv(tmp_path, "linux", "--kernel", str(linux_guest.bzimage), "--initrd",
+                  str(linux_guest.initramfs_uncompressed), "--memory", "128M",
+                  "--append", f"console=ttyS0 reboot=k panic=-1 {encode_command(loop)}")
+    tick = re.compile(r"^tick (\d+) ([\d.]+)\r?$", re.M)
+    try:
+        deadline = time.monotonic() + 300
+        while len(tick.findall(source.text())) < 3:
+            assert source.proc.poll() is None and time.monotonic() < deadline, source.text()
+            time.sleep(0.2)
+        source.qmp.execute("stop")
+        before = tick.findall(source.text())
+        snapshot(source, tmp_path / "snap")
+    finally:
+        source.kill()
+    last, last_up = int(before[-1][0]), float(before[-1][1])
+    restored = Pyhv(tmp_path, "restored", "--restore", str(tmp_path / "snap"))
+    try:
+        deadline = time.monotonic() + 60
+        while len(tick.findall(restored.text())) < 3:
+            assert restored.proc.poll() is None and time.monotonic() < deadline, restored.text()
+            time.sleep(0.2)
+        after = [(int(n), float(up)) for n, up in tick.findall(restored.text())]
+    finally:
+        restored.kill()
+    numbers = [n for n, _ in after]
+    assert numbers[0] in (last + 1, last + 2), (before[-3:], after[:3])   # +2 only if the pause split a line
+    assert numbers == list(range(numbers[0], numbers[0] + len(numbers)))   # no gap, no repeat
+    assert after[0][1] >= last_up                                          # guest time never goes backwards
+    assert "Segmentation fault" not in restored.text()
+
+
+def test_refusals_leave_the_vm_running_and_are_one_line(guest, tmp_path):
+    disk = tmp_path / "disk.img"
+    disk.write_bytes(bytes(1 << 20))
+    vm = Pyhv(tmp_path, "disk", "--firmware", guest("counter"), "--drive", f"file={disk},format=raw")
+    try:
+        r = subprocess.run([sys.executable, "-m", "pyhv.cli", "snapshot", "create", str(tmp_path / "no"),
+                            vm.qmp_path], capture_output=True, timeout=60)
+        assert r.returncode != 0 and "virtio" in r.stderr.decode(), r.stderr.decode()
+        assert vm.qmp.execute("query-status")["status"] == "running"            # refused before any pause
+        assert not (tmp_path / "no" / "state.json").exists()
+    finally:
+        vm.kill()
+    good = Pyhv(tmp_path, "good", "--firmware", guest("counter"))
+    try:
+        snapshot(good, tmp_path / "snap")
+    finally:
+        good.kill()
+    state = tmp_path / "snap" / "state.json"
+    original = state.read_text()
+
+    def restore_error() -> str:
+        r = subprocess.run([sys.executable, "-m", "pyhv.cli", "run", "--restore", str(tmp_path / "snap")],
+                           capture_output=True, timeout=60)
+        assert r.returncode == 2, r.stderr.decode()
+        lines = r.stderr.decode().strip().splitlines()
+        assert len(lines) == 1, lines
+        return lines[0]
+    state.write_text(original.replace('"lcr": 3', '"lcr": 4', 1))
+    assert "checksum mismatch" in restore_error()
+    state.write_text(original[:len(original) // 2])
+    assert "truncated" in restore_error()
+    state.write_text(original)
+    with open(tmp_path / "snap" / "memory.raw", "ab") as f:
+        f.write(b"\0" * 4096)
+    assert "bytes, the snapshot says" in restore_error()
+    r = subprocess.run([sys.executable, "-m", "pyhv.cli", "run", "--restore", str(tmp_path / "snap"), "--memory",
+                        "256M"], capture_output=True, timeout=60)
+    assert r.returncode == 2 and "cannot change" in r.stderr.decode()
