@@ -18,6 +18,7 @@ from pyhv.errors import ConfigError, PyhvError
 
 if TYPE_CHECKING:
     from pyhv.config import VmConfig
+    from pyhv.machine.machine import Machine
 
 EXIT_USAGE = 2
 
@@ -96,6 +97,9 @@ def _add_run_options(p: argparse.ArgumentParser) -> None:
                        help="resume the VM saved in a snapshot directory (pyhv snapshot create): its memory file is "
                             "mapped copy-on-write, so several VMs may start from one snapshot; only consoles and "
                             "diagnostics may be changed")
+    files.add_argument("--incoming", metavar="URI",
+                       help="receive a live migration (QEMU's -incoming): tcp:HOST:PORT, unix:PATH, exec:COMMAND, "
+                            "or defer (wait for QMP migrate-incoming); start it with the source's options")
     files.add_argument("--paused", dest="start_paused", action="store_true",
                        help="with --restore (or not): leave the vCPUs stopped until QMP cont or gdb's continue")
     manage = p.add_argument_group("management")
@@ -263,7 +267,7 @@ def cmd_run(args: argparse.Namespace) -> int:
             profiler = GuestProfiler(machine, args.profile_guest, symbols)
             profiler.start()
         hooks.start()
-        status = machine.run()
+        status = run_machine(machine, args)
         if profiler is not None:
             print(profiler.report(), file=sys.stderr)
         if args.dump_pci:
@@ -287,6 +291,30 @@ def cmd_run(args: argparse.Namespace) -> int:
     finally:
         hooks.close()
         machine.close()
+
+
+def run_machine(machine: "Machine", args: argparse.Namespace) -> int:
+    """Run the VM, or first receive it from a live migration (--incoming)."""
+    uri = getattr(args, "incoming", None)
+    if not uri:
+        return machine.run()
+    if uri == "defer":
+        import threading
+        chosen: list[str] = []
+        ready = threading.Event()
+        machine.deferred_incoming = lambda value: (chosen.append(value), ready.set())
+        print("pyhv: waiting for QMP migrate-incoming", file=sys.stderr, flush=True)
+        while not ready.wait(0.5):
+            if machine.state == "shutdown":
+                return machine.exit_status or 0
+        machine.deferred_incoming = None
+        uri = chosen[0]
+    from pyhv.machine.migration import MigrationError
+    try:
+        return machine.run_incoming(uri)
+    except MigrationError:
+        machine.shutdown(1, "incoming migration failed")
+        raise
 
 
 def cmd_info(args: argparse.Namespace) -> int:

@@ -127,10 +127,18 @@ class Vm:
         return ioctl(self.fd, C.KVM_CHECK_EXTENSION, cap)
 
     def set_user_memory_region(self, slot: int, guest_phys_addr: int, size: int, userspace_addr: int,
-                               readonly: bool = False) -> None:
-        region = S.kvm_userspace_memory_region(slot, C.KVM_MEM_READONLY if readonly else 0, guest_phys_addr,
-                                               size, userspace_addr)
+                               readonly: bool = False, log_dirty: bool = False) -> None:
+        flags = (C.KVM_MEM_READONLY if readonly else 0) | (C.KVM_MEM_LOG_DIRTY_PAGES if log_dirty else 0)
+        region = S.kvm_userspace_memory_region(slot, flags, guest_phys_addr, size, userspace_addr)
         ioctl(self.fd, C.KVM_SET_USER_MEMORY_REGION, region)
+
+    def get_dirty_log(self, slot: int, pages: int) -> bytes:
+        """The slot's dirty-page bitmap since the last call (one bit per page, KVM_MEM_LOG_DIRTY_PAGES slots);
+        reading it clears it."""
+        bitmap = ctypes.create_string_buffer(-(-pages // 64) * 8)
+        arg = (ctypes.c_uint64 * 2)(slot, ctypes.addressof(bitmap))
+        ioctl(self.fd, C.KVM_GET_DIRTY_LOG, arg)
+        return bitmap.raw
 
     def set_tss_addr(self, addr: int) -> None:
         ioctl(self.fd, C.KVM_SET_TSS_ADDR, addr)

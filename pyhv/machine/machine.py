@@ -49,6 +49,7 @@ from pyhv.stats import ExitStats
 
 if TYPE_CHECKING:
     from pyhv.kvm.binary_stats import StatsReader
+    from pyhv.machine.migration import Incoming, Migration
 from pyhv.machine.board import Board
 from pyhv.machine.vcpu import VcpuThread, install_kick_handler
 from pyhv.arch.x86.layout import (ACPI_TABLES_ADDR, BELOW_4G_LIMIT, FOUR_GIB, IDENTITY_MAP_ADDR, TSS_ADDR, VGA_END,
@@ -87,6 +88,11 @@ class Machine:
         self.first_run_monotonic: float | None = None
         self.state = "created"            # created | running | paused | debug (stopped by gdb) | shutdown
         self._stats_readers: tuple | None = None
+        self.migration: "Migration | None" = None      # the last outgoing live migration (QMP migrate)
+        self.incoming: "Incoming | None" = None        # waiting for or receiving one (--incoming)
+        self.deferred_incoming: Callable[[str], object] | None = None   # --incoming defer: QMP migrate-incoming
+        self.migrated = False                            # it completed: this side stays paused (postmigrate)
+        self.migration_parameters = {"downtime-limit": 300, "max-bandwidth": 0}   # ms; bytes/s, 0: unlimited
         self.start_paused = False         # start() leaves the vCPUs stopped before their first instruction
         self.listeners: list[Callable[[str, dict], None]] = []   # lifecycle events (QMP): (event, data)
         self.iothread = IoThread()
@@ -555,6 +561,29 @@ class Machine:
                     v.resume()
             self.state = "running"
         self._emit("RESUME")
+
+    def migrate(self, uri: str) -> None:
+        """Start a live migration to `uri` (QMP migrate); its progress is `self.migration.info()`."""
+        from pyhv.machine.migration import Migration
+        if self.migration is not None and self.migration.status in ("setup", "active", "device"):
+            raise RuntimeError("a migration is already in progress")
+        if self.state not in ("running", "paused"):
+            raise RuntimeError(f"cannot migrate a VM that is {self.state}")
+        self.migration = Migration(self, uri, self.migration_parameters["downtime-limit"],
+                                   self.migration_parameters["max-bandwidth"],
+                                   lambda status: self._emit("MIGRATION", migration_status=status))
+        self.migration.start()
+
+    def run_incoming(self, uri: str) -> int:
+        """Receive a live migration on `uri`, then run the VM as run() does."""
+        from pyhv.machine.migration import Incoming
+        self.incoming = Incoming(self, uri, lambda status: self._emit("MIGRATION", migration_status=status))
+        self.incoming.run()                              # raises MigrationError; on success the VM runs
+        while True:
+            try:
+                return self.wait()  # type: ignore[return-value]
+            except KeyboardInterrupt:
+                self.shutdown(130, "interrupted")
 
     def vcpu_thread(self) -> VcpuThread | None:
         """The vCPU whose thread is calling, or None."""

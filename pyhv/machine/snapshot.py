@@ -188,12 +188,54 @@ def unsaveable_devices(machine: "Machine") -> list[str]:
     return names
 
 
-def save(machine: "Machine", directory: str) -> dict:
-    """Pause the VM (if it runs), write the snapshot, resume it. Returns figures (seconds, bytes)."""
+def check_saveable(machine: "Machine", what: str = "snapshot") -> None:
     missing = unsaveable_devices(machine)
     if missing:
-        raise SnapshotError(f"cannot snapshot this VM: {', '.join(missing)} do not declare their whole state yet "
-                            "(snapshots cover the legacy platform devices for now)")
+        raise SnapshotError(f"cannot {what} this VM: {', '.join(missing)} do not declare their whole state yet "
+                            "(snapshots and migration cover the legacy platform devices for now)")
+
+
+def capture_state(machine: "Machine") -> dict:
+    """KVM's VM and vCPU state and every device's state, of a paused machine (JSON-ready)."""
+    if machine.coalesced is not None:
+        machine.coalesced.drain()
+    msr_indices = machine.kvm.msr_index_list()
+    vcpus = [v.call(lambda v=v: save_vcpu(v.vcpu, msr_indices)) for v in machine.vcpus]
+    clock = machine.vm.get_clock()
+    vm_state = {"clock": clock.clock, "irqchips": [_hex(machine.vm.get_irqchip(i)) for i in IRQCHIPS],
+                "pit2": machine.vm.get_pit2().hex()}
+    return {"vm": vm_state, "vcpus": vcpus,
+            "devices": {name: encode(device.state) for name, device in machine.devices.items()}}
+
+
+def load_machine_state(machine: "Machine", body: dict) -> None:
+    """The reverse of capture_state, into a machine that has not started."""
+    vm = body["vm"]
+    for text in vm["irqchips"]:
+        machine.vm.set_irqchip(_struct(S.kvm_irqchip, text))
+    machine.vm.set_pit2(bytes.fromhex(vm["pit2"]))
+    if len(body["vcpus"]) != len(machine.vcpus):
+        raise SnapshotError(f"the state has {len(body['vcpus'])} vCPUs, this VM {len(machine.vcpus)}")
+    for v, data in zip(machine.vcpus, body["vcpus"]):
+        restore_vcpu(v.vcpu, data)
+    machine.vm.set_clock(S.kvm_clock_data(clock=vm["clock"]))
+    for name, state in body["devices"].items():
+        device = machine.devices.get(name)
+        if device is None:
+            raise SnapshotError(f"the state has a device {name!r} this VM does not")
+        decode(state, device.state)
+    for device in machine.devices.values():
+        hook = getattr(device, "restored", None)
+        if hook is not None:
+            hook()
+    if machine.syscall_repair is not None:        # PVM: armed before the first user-mode SYSCALL, not 100 ms later
+        for v in machine.vcpus:
+            machine.syscall_repair.try_arm(v.vcpu)
+
+
+def save(machine: "Machine", directory: str) -> dict:
+    """Pause the VM (if it runs), write the snapshot, resume it. Returns figures (seconds, bytes)."""
+    check_saveable(machine)
     if machine.state not in ("running", "paused", "debug"):
         raise SnapshotError(f"cannot snapshot a VM that is {machine.state}")
     os.makedirs(directory, exist_ok=True)
@@ -203,14 +245,7 @@ def save(machine: "Machine", directory: str) -> dict:
         machine.pause()
     try:
         paused_at = time.monotonic()
-        if machine.coalesced is not None:
-            machine.coalesced.drain()
-        msr_indices = machine.kvm.msr_index_list()
-        vcpus = [v.call(lambda v=v: save_vcpu(v.vcpu, msr_indices)) for v in machine.vcpus]
-        clock = machine.vm.get_clock()
-        vm_state = {"clock": clock.clock, "irqchips": [_hex(machine.vm.get_irqchip(i)) for i in IRQCHIPS],
-                    "pit2": machine.vm.get_pit2().hex()}
-        devices = {name: encode(device.state) for name, device in machine.devices.items()}
+        cpu_and_devices = capture_state(machine)
         layout, size = [], 0
         memory_path = os.path.join(directory, MEMORY_FILE)
         with open(memory_path + ".tmp", "wb") as f:
@@ -220,8 +255,8 @@ def save(machine: "Machine", directory: str) -> dict:
                 size += block.size
         os.replace(memory_path + ".tmp", memory_path)
         body = {"format": FORMAT, "version": VERSION, "created": time.time(), "config": machine.config.to_dict(),
-                "memory": {"file": MEMORY_FILE, "size": size, "blocks": layout}, "vm": vm_state, "vcpus": vcpus,
-                "devices": devices, "machine_state": "running" if was_running else "paused"}
+                "memory": {"file": MEMORY_FILE, "size": size, "blocks": layout}, **cpu_and_devices,
+                "machine_state": "running" if was_running else "paused"}
         text = json.dumps(body, sort_keys=True)
         state_path = os.path.join(directory, STATE_FILE)
         with open(state_path + ".tmp", "w") as f:
@@ -261,9 +296,7 @@ def restore(machine: "Machine", directory: str, body: dict) -> None:
     """Load a snapshot into a machine built from its config that has not started yet."""
     if machine.state != "created":
         raise SnapshotError("a snapshot restores into a VM that has not started")
-    missing = unsaveable_devices(machine)
-    if missing:
-        raise SnapshotError(f"cannot restore into this VM: {', '.join(missing)} cannot be restored yet")
+    check_saveable(machine, "restore into")
     memory = body["memory"]
     path = os.path.join(directory, memory["file"])
     try:
@@ -284,24 +317,4 @@ def restore(machine: "Machine", directory: str, body: dict) -> None:
             map_private(block, fd, entry["offset"])
     finally:
         os.close(fd)
-    vm = body["vm"]
-    for text in vm["irqchips"]:
-        machine.vm.set_irqchip(_struct(S.kvm_irqchip, text))
-    machine.vm.set_pit2(bytes.fromhex(vm["pit2"]))
-    if len(body["vcpus"]) != len(machine.vcpus):
-        raise SnapshotError(f"the snapshot has {len(body['vcpus'])} vCPUs, this VM {len(machine.vcpus)}")
-    for v, data in zip(machine.vcpus, body["vcpus"]):
-        restore_vcpu(v.vcpu, data)
-    machine.vm.set_clock(S.kvm_clock_data(clock=vm["clock"]))
-    for name, state in body["devices"].items():
-        device = machine.devices.get(name)
-        if device is None:
-            raise SnapshotError(f"the snapshot has a device {name!r} this VM does not")
-        decode(state, device.state)
-    for device in machine.devices.values():
-        hook = getattr(device, "restored", None)
-        if hook is not None:
-            hook()
-    if machine.syscall_repair is not None:        # PVM: armed before the first user-mode SYSCALL, not 100 ms later
-        for v in machine.vcpus:
-            machine.syscall_repair.try_arm(v.vcpu)
+    load_machine_state(machine, body)

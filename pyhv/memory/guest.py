@@ -19,6 +19,7 @@ class GuestMemoryError(Exception):
 
 class GuestMemory:
     def __init__(self, space: "AddressSpace") -> None:
+        self.dirty: set[int] | None = None     # during a live migration: pages pyhv wrote (KVM logs the guest's)
         self._starts: list[int] = []
         self._ranges: list[tuple[int, int, memoryview, bool]] = []   # (start, end, view, readonly)
         space.add_listener(self._update)
@@ -80,6 +81,8 @@ class GuestMemory:
     def write(self, gpa: int, data: bytes | bytearray | memoryview, *, rom: bool = False) -> None:
         """Write guest RAM; `rom=True` also writes read-only memory (firmware), as a debugger patching code does."""
         data = memoryview(data).cast("B")
+        if self.dirty is not None:
+            self.dirty.update(range(gpa - gpa % 4096, gpa + len(data), 4096))
         while len(data):
             view, off = self._find(gpa, 1, not rom)
             n = min(len(data), len(view) - off)

@@ -70,6 +70,8 @@ def event_data(event: str, data: dict, reset_cause: str | None = None) -> dict |
         reason = str(data.get("reason", ""))
         cause = _shutdown_cause(reason, data.get("status"))
         return {"guest": cause.startswith("guest"), "reason": cause, "pyhv-reason": reason}
+    if event == "MIGRATION":
+        return {"status": data.get("migration_status")}
     if event == "RESET":
         cause = reset_cause or "guest-reset"
         return {"guest": cause.startswith("guest"), "reason": cause}
@@ -118,8 +120,14 @@ def query_kvm(server: "QmpServer") -> dict:
 
 @command("query-status")
 def query_status(server: "QmpServer") -> dict:
-    state = server.machine.state
-    return {"running": state == "running", "singlestep": False, "status": QEMU_STATUS.get(state, state)}
+    machine = server.machine
+    state = machine.state
+    status = QEMU_STATUS.get(state, state)
+    if state == "created" and machine.incoming is not None:
+        status = "inmigrate"
+    elif state == "paused" and machine.migrated:
+        status = "postmigrate"
+    return {"running": state == "running", "singlestep": False, "status": status}
 
 
 @command("stop")
@@ -387,3 +395,62 @@ def x_pyhv_snapshot_create(server: "QmpServer", path: str) -> dict:
         raise QmpCommandError(str(e)) from None
     except OSError as e:
         raise QmpCommandError(f"snapshot to {path}: {e.strerror or e}") from None
+
+
+@command("migrate", uri=(str, True), detach=(bool, False), resume=(bool, False))
+def migrate(server: "QmpServer", uri: str, detach: bool = True, resume: bool = False) -> dict:
+    """QEMU's migrate: live-migrate to tcp:HOST:PORT, unix:PATH or exec:COMMAND (pyhv/machine/migration.py)."""
+    from pyhv.errors import PyhvError
+    if resume:
+        raise QmpCommandError("migrate: resume is not supported")
+    try:
+        server.machine.migrate(uri)
+    except (PyhvError, RuntimeError) as e:
+        raise QmpCommandError(str(e)) from None
+    return {}
+
+
+@command("migrate_cancel")
+def migrate_cancel(server: "QmpServer") -> dict:
+    migration = server.machine.migration
+    if migration is not None:
+        migration.cancelled = True
+    return {}
+
+
+@command("query-migrate")
+def query_migrate(server: "QmpServer") -> dict:
+    machine = server.machine
+    if machine.incoming is not None:
+        return machine.incoming.info()
+    return machine.migration.info() if machine.migration is not None else {}
+
+
+@command("migrate-set-parameters", downtime_limit=(int, False), max_bandwidth=(int, False))
+def migrate_set_parameters(server: "QmpServer", downtime_limit: int | None = None,
+                           max_bandwidth: int | None = None) -> dict:
+    params = server.machine.migration_parameters
+    if downtime_limit is not None:
+        if not 0 <= downtime_limit <= 2000000:
+            raise QmpCommandError("Parameter 'downtime_limit' expects an integer in the range of 0 to 2000 seconds")
+        params["downtime-limit"] = downtime_limit
+    if max_bandwidth is not None:
+        if max_bandwidth < 0:
+            raise QmpCommandError("Parameter 'max_bandwidth' expects a non-negative size")
+        params["max-bandwidth"] = max_bandwidth
+    return {}
+
+
+@command("query-migrate-parameters")
+def query_migrate_parameters(server: "QmpServer") -> dict:
+    return dict(server.machine.migration_parameters)
+
+
+@command("migrate-incoming", uri=(str, True))
+def migrate_incoming(server: "QmpServer", uri: str) -> dict:
+    """QEMU's migrate-incoming, for a destination started with --incoming defer."""
+    waiting = getattr(server.machine, "deferred_incoming", None)
+    if waiting is None:
+        raise QmpCommandError("The incoming migration has not been started with --incoming defer")
+    waiting(uri)
+    return {}

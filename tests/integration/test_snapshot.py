@@ -4,56 +4,15 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import re
 import subprocess
 import sys
 import time
 
 import pytest
 
-from pyhv.assets.protocol import encode_command
-from pyhv.monitor.client import QmpClient
+from vm_process import COUNTER, TICK, Pyhv, linux_tick_loop
 
 pytestmark = pytest.mark.kvm
-
-COUNTER = 0x500
-
-
-class Pyhv:
-    def __init__(self, tmp_path, tag: str, *args: str) -> None:
-        self.qmp_path = str(tmp_path / f"{tag}.qmp")
-        self.serial = tmp_path / f"{tag}.serial"
-        self.proc = subprocess.Popen([sys.executable, "-m", "pyhv.cli", "run", "--qmp", f"unix:{self.qmp_path}",
-                                      "--serial", f"file:{self.serial}", *args],
-                                     stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-        deadline = time.monotonic() + 60
-        while not os.path.exists(self.qmp_path):
-            if self.proc.poll() is not None or time.monotonic() > deadline:
-                raise AssertionError(self.proc.communicate()[1].decode())
-            time.sleep(0.05)
-        self.qmp = QmpClient(self.qmp_path)
-
-    def counter(self, tmp_path) -> int:
-        out = tmp_path / f"counter-{time.monotonic_ns()}.bin"
-        self.qmp.execute("pmemsave", val=COUNTER, size=4, filename=str(out))
-        return int.from_bytes(out.read_bytes(), "little")
-
-    def text(self) -> str:
-        return self.serial.read_text(errors="replace") if self.serial.exists() else ""
-
-    def stop(self) -> tuple[int, str]:
-        try:
-            self.qmp.execute("quit")
-        except (ConnectionError, OSError):
-            pass
-        _, err = self.proc.communicate(timeout=60)
-        return self.proc.returncode, err.decode(errors="replace")
-
-    def kill(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.communicate()
 
 
 def snapshot(source: Pyhv, directory) -> dict:
@@ -103,11 +62,8 @@ def test_a_guest_mid_computation_resumes_where_it_stopped_twice_at_once(guest, t
 
 
 def test_linux_mid_loop_continues_in_a_new_process(linux_guest, tmp_path):
-    loop = "i=0; while :; do i=$((i+1)); read up idle < /proc/uptime; echo tick $i $up; sleep 0.2; done"
-    source = Pyhv(tmp_path, "linux", "--kernel", str(linux_guest.bzimage), "--initrd",
-                  str(linux_guest.initramfs_uncompressed), "--memory", "128M",
-                  "--append", f"console=ttyS0 reboot=k panic=-1 {encode_command(loop)}")
-    tick = re.compile(r"^tick (\d+) ([\d.]+)\r?$", re.M)
+    source = Pyhv(tmp_path, "linux", *linux_tick_loop(linux_guest))
+    tick = TICK
     try:
         deadline = time.monotonic() + 300
         while len(tick.findall(source.text())) < 3:

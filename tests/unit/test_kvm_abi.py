@@ -19,7 +19,7 @@ IOCTLS = ["KVM_GET_API_VERSION", "KVM_CREATE_VM", "KVM_CHECK_EXTENSION", "KVM_GE
           "KVM_GET_MP_STATE", "KVM_SET_MP_STATE", "KVM_SET_GUEST_DEBUG", "KVM_GET_VCPU_EVENTS",
           "KVM_SET_VCPU_EVENTS", "KVM_GET_DEBUGREGS", "KVM_GET_CLOCK", "KVM_ENABLE_CAP", "KVM_GET_MSR_INDEX_LIST",
           "KVM_SET_CLOCK", "KVM_GET_PIT2", "KVM_SET_PIT2", "KVM_GET_XCRS", "KVM_SET_XCRS", "KVM_GET_XSAVE",
-          "KVM_SET_XSAVE", "KVM_SET_DEBUGREGS"]
+          "KVM_SET_XSAVE", "KVM_SET_DEBUGREGS", "KVM_GET_DIRTY_LOG"]
 STRUCTS = ["kvm_regs", "kvm_sregs", "kvm_fpu", "kvm_vcpu_events", "kvm_guest_debug", "kvm_ioeventfd", "kvm_irqfd",
            "kvm_irq_routing_entry", "kvm_msi", "kvm_enable_cap", "kvm_pit_config", "kvm_cpuid_entry2",
            "kvm_lapic_state", "kvm_irqchip", "kvm_clock_data", "kvm_debugregs", "kvm_translation",

@@ -173,8 +173,10 @@ class FakeVm:
         self.calls: list[tuple] = []
         self.slots: dict[int, tuple] = {}
 
-    def set_user_memory_region(self, slot, gpa, size, host, readonly=False):
+    def set_user_memory_region(self, slot, gpa, size, host, readonly=False, log_dirty=False):
         self.calls.append((slot, gpa, size, readonly))
+        self.logging = getattr(self, "logging", {})
+        self.logging[slot] = log_dirty
         if size:
             for other, (g, s, _, _) in self.slots.items():
                 assert other == slot or g + s <= gpa or gpa + size <= g, "overlapping memslots"
@@ -200,6 +202,38 @@ def test_memslots_follow_the_flat_view_and_merge_contiguous_ranges():
                                         (0x81000, 0x17F000, block.host_addr + 0x81000, False)]
     root.del_subregion(hole)
     assert list(vm.slots.values()) == [(0, 0x200000, block.host_addr, False)]
+
+
+class DirtyVm(FakeVm):
+    def __init__(self):
+        super().__init__()
+        self.written: dict[int, set[int]] = {}       # slot -> page numbers the "guest" wrote
+
+    def get_dirty_log(self, slot, pages):
+        bits = 0
+        for page in self.written.pop(slot, set()):
+            bits |= 1 << page
+        return bits.to_bytes(-(-pages // 64) * 8, "little")
+
+
+def test_dirty_logging_covers_writable_slots_and_reports_pages():
+    root, sp = space()
+    vm = DirtyVm()
+    slots = KvmMemslots(vm)
+    sp.add_listener(slots)
+    root.add_subregion(0, MemoryRegion.ram("ram", 0x100000))
+    root.add_subregion(0xF0000000, MemoryRegion.rom("rom", b"\x90" * 0x1000))
+    slots.set_dirty_logging(True)
+    ram_slot = next(i for (gpa, *_), i in slots.active.items() if gpa == 0)
+    rom_slot = next(i for (gpa, *_), i in slots.active.items() if gpa == 0xF0000000)
+    assert vm.logging[ram_slot] is True and vm.logging.get(rom_slot) is False     # ROM is never logged
+    vm.written[ram_slot] = {0, 3, 64, 255}
+    assert slots.dirty_pages() == [0, 0x3000, 0x40000, 0xFF000]
+    assert slots.dirty_pages() == []                                            # reading clears
+    generation = slots.generation
+    root.add_subregion(0x80000, MemoryRegion.io("dev", 0x1000, Recorder().read, Recorder().write), priority=1)
+    assert slots.generation > generation                                        # migration notices a new map
+    assert all(vm.logging[i] for (gpa, size, h, ro), i in slots.active.items() if not ro)   # new slots logged too
 
 
 def test_unaligned_ram_edges_stay_out_of_memslots():
