@@ -263,7 +263,10 @@ def test_pyhv_run_qmp_socket_is_private_and_quit_ends_pyhv(guest, tmp_path):
                     await asyncio.sleep(0.05)
             assert stat.S_IMODE(os.stat(path).st_mode) == 0o600
             await client.execute("quit")
-            await client.disconnect()
+            try:
+                await client.disconnect()
+            except EOFError:        # pyhv closed the socket first (it is quitting): qemu.qmp reports that EOF
+                pass
         run(body())
         assert proc.wait(30) == 0, proc.stderr.read()
         assert not path.exists()
