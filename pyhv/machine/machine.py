@@ -46,14 +46,14 @@ from pyhv.kvm import constants as C
 from pyhv.memory import AddressSpace, GuestMemory, GuestMemoryError, MemoryRegion, RamBlock, memory_transaction
 from pyhv.memory.kvm_slots import KvmMemslots
 from pyhv.stats import ExitStats
-
-if TYPE_CHECKING:
-    from pyhv.kvm.binary_stats import StatsReader
-    from pyhv.machine.migration import Incoming, Migration
 from pyhv.machine.board import Board
 from pyhv.machine.vcpu import VcpuThread, install_kick_handler
 from pyhv.arch.x86.layout import (ACPI_TABLES_ADDR, BELOW_4G_LIMIT, FOUR_GIB, IDENTITY_MAP_ADDR, TSS_ADDR, VGA_END,
                                   VGA_START)
+
+if TYPE_CHECKING:
+    from pyhv.kvm.binary_stats import StatsReader
+    from pyhv.machine.migration import Incoming, Migration
 
 log = logging.getLogger(__name__)
 

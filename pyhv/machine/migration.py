@@ -183,7 +183,8 @@ class Migration:
             memslots.set_dirty_logging(True)
             memslots.dirty_pages()                           # start the log from now
             machine.guest_memory.dirty = set()               # and what pyhv writes itself
-            pages = [gpa for gpa, size, _h, _ro in memslots.active for gpa in range(gpa, gpa + size, PAGE_SIZE)]
+            pages = [page for start, size, _host, _ro in list(memslots.active)
+                     for page in range(start, start + size, PAGE_SIZE)]
             self.total = len(pages) * PAGE_SIZE
             self.setup_time = time.monotonic() - self.started
             self._set_status("active")
