@@ -7,7 +7,8 @@
 A vCPU's state is what KVM holds for it: regs, sregs, XSAVE (FPU/SSE/AVX), XCRs, every MSR of
 KVM_GET_MSR_INDEX_LIST that it can read (TSC included, so guest time goes on where it stopped), LAPIC, pending
 events, MP state, debug registers. A device's state is its `state` dataclass (DESIGN.md: declared once), written
-field by field; a device type opts in with `SNAPSHOT = True` once `state` is *all* it keeps, so a snapshot never
+field by field (pyhv/state_codec.py), or what its `snapshot_state()` returns (a virtio transport: registers and
+queue positions); a device type opts in with `SNAPSHOT = True` once that is *all* it keeps, so a snapshot never
 silently misses something. A VM with any other device is refused before anything is paused, naming the devices.
 
 Restore builds the machine from the saved config, maps memory.raw over its RAM with MAP_PRIVATE | MAP_FIXED
@@ -18,17 +19,15 @@ wrong size is refused with one line.
 from __future__ import annotations
 
 import ctypes
-import dataclasses
 import hashlib
 import json
 import logging
 import mmap
 import os
 import time
-from collections import deque
 from typing import TYPE_CHECKING, Any
 
-from pyhv.errors import PyhvError
+from pyhv.state_codec import StateError, decode, encode
 from pyhv.kvm import constants as C
 from pyhv.kvm import structs as S
 from pyhv.memory.ram import PAGE_SIZE, RamBlock
@@ -47,54 +46,7 @@ MEMORY_FILE = "memory.raw"
 IRQCHIPS = (C.KVM_IRQCHIP_PIC_MASTER, C.KVM_IRQCHIP_PIC_SLAVE, C.KVM_IRQCHIP_IOAPIC)
 
 
-class SnapshotError(PyhvError):
-    """A snapshot that cannot be made or restored (the message says which device or file, and why)."""
-
-
-# --- device state: dataclasses to JSON and back into the live objects ------------------------------------------
-def encode(value: Any) -> Any:
-    if dataclasses.is_dataclass(value) and not isinstance(value, type):
-        return {"__dataclass__": {f.name: encode(getattr(value, f.name)) for f in dataclasses.fields(value)}}
-    if isinstance(value, (bytes, bytearray)):
-        return {"__bytes__": bytes(value).hex()}
-    if isinstance(value, deque):
-        return {"__deque__": [encode(v) for v in value]}
-    if isinstance(value, tuple):
-        return {"__tuple__": [encode(v) for v in value]}
-    if isinstance(value, list):
-        return [encode(v) for v in value]
-    if isinstance(value, dict):
-        return {"__dict__": [[encode(k), encode(v)] for k, v in value.items()]}
-    if value is None or isinstance(value, (bool, int, float, str)):
-        return value
-    raise SnapshotError(f"cannot save a {type(value).__name__} ({value!r:.60})")
-
-
-def decode(data: Any, current: Any = None) -> Any:
-    """The value `data` encodes; a dataclass is restored into `current` (the live object) and returned."""
-    if isinstance(data, list):
-        return [decode(v) for v in data]
-    if not isinstance(data, dict):
-        return data
-    if "__dataclass__" in data:
-        if current is None or not dataclasses.is_dataclass(current):
-            raise SnapshotError("saved state has a structure this pyhv's device does not")
-        names = {f.name for f in dataclasses.fields(current)}
-        for name, value in data["__dataclass__"].items():
-            if name not in names:
-                raise SnapshotError(f"{type(current).__name__} has no field {name!r} (snapshot of another pyhv?)")
-            setattr(current, name, decode(value, getattr(current, name)))
-        return current
-    if "__bytes__" in data:
-        raw = bytes.fromhex(data["__bytes__"])
-        return bytearray(raw) if isinstance(current, bytearray) else raw
-    if "__deque__" in data:
-        return deque(decode(v) for v in data["__deque__"])
-    if "__tuple__" in data:
-        return tuple(decode(v) for v in data["__tuple__"])
-    if "__dict__" in data:
-        return {decode(k): decode(v) for k, v in data["__dict__"]}
-    raise SnapshotError(f"unknown value in the state file: {sorted(data)[:3]}")
+SnapshotError = StateError        # a snapshot that cannot be made or restored (the message says what, and why)
 
 
 # --- memory --------------------------------------------------------------------------------------------------
@@ -192,7 +144,8 @@ def check_saveable(machine: "Machine", what: str = "snapshot") -> None:
     missing = unsaveable_devices(machine)
     if missing:
         raise SnapshotError(f"cannot {what} this VM: {', '.join(missing)} do not declare their whole state yet "
-                            "(snapshots and migration cover the legacy platform devices for now)")
+                            "(snapshots and migration cover the legacy platform devices and virtio-blk on virtio-mmio for "
+                            "now)")
 
 
 def capture_state(machine: "Machine") -> dict:
@@ -205,7 +158,8 @@ def capture_state(machine: "Machine") -> dict:
     vm_state = {"clock": clock.clock, "irqchips": [_hex(machine.vm.get_irqchip(i)) for i in IRQCHIPS],
                 "pit2": machine.vm.get_pit2().hex()}
     return {"vm": vm_state, "vcpus": vcpus,
-            "devices": {name: encode(device.state) for name, device in machine.devices.items()}}
+            "devices": {name: device.snapshot_state() if hasattr(device, "snapshot_state") else encode(device.state)
+                        for name, device in machine.devices.items()}}
 
 
 def load_machine_state(machine: "Machine", body: dict) -> None:
@@ -223,7 +177,10 @@ def load_machine_state(machine: "Machine", body: dict) -> None:
         device = machine.devices.get(name)
         if device is None:
             raise SnapshotError(f"the state has a device {name!r} this VM does not")
-        decode(state, device.state)
+        if hasattr(device, "restore_state"):
+            device.restore_state(state)
+        else:
+            decode(state, device.state)
     for device in machine.devices.values():
         hook = getattr(device, "restored", None)
         if hook is not None:

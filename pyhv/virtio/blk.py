@@ -214,6 +214,7 @@ class VirtioBlk(VirtioDevice):
     pollable = True
     name = "virtio-blk"
     HANDLES_DMA_FAULTS = True
+    SNAPSHOT = True                 # requests finish within process(): nothing is in flight between them
 
     def __init__(self, path: str, readonly: bool = False, cache: str = "writeback", serial: str | None = None,
                  num_queues: int = 1, queue_size: int = DEFAULT_QUEUE_SIZE, name: str | None = None) -> None:
@@ -229,6 +230,19 @@ class VirtioBlk(VirtioDevice):
         self.stats = {"read": 0, "write": 0, "flush": 0, "discard": 0, "write_zeroes": 0, "get_id": 0,
                       "error": 0, "unsupported": 0, "bytes_read": 0, "bytes_written": 0, "dma-fault": 0}
         self._config = self._build_config()
+
+    def snapshot_identity(self) -> dict:
+        """The image a snapshot refers to: checked at restore (the same file, the same size)."""
+        st = os.fstat(self.image.fd)
+        return {"path": self.image.path, "size": st.st_size, "device": st.st_dev, "inode": st.st_ino}
+
+    def check_identity(self, saved: dict) -> str | None:
+        """Why the image opened now is not the one the snapshot used, or None."""
+        now = self.snapshot_identity()
+        if (now["size"], now["device"], now["inode"]) != (saved["size"], saved["device"], saved["inode"]):
+            return (f"drive {self.image.path}: not the image of the snapshot ({saved['path']}, {saved['size']} "
+                    f"bytes, inode {saved['inode']}; now {now['size']} bytes, inode {now['inode']})")
+        return None
 
     @classmethod
     def from_config(cls, drive, **kwargs) -> "VirtioBlk":

@@ -10,9 +10,10 @@ import time
 
 import pytest
 
-from vm_process import COUNTER, TICK, Pyhv, linux_tick_loop
+from vm_process import COUNTER, TICK, Pyhv, disk_log, linux_disk_loop, wait_ticks
 
 pytestmark = pytest.mark.kvm
+LAST = 20                   # the Linux loop's last line
 
 
 def snapshot(source: Pyhv, directory) -> dict:
@@ -61,49 +62,48 @@ def test_a_guest_mid_computation_resumes_where_it_stopped_twice_at_once(guest, t
     assert hashlib.sha256((tmp_path / "snap" / "memory.raw").read_bytes()).hexdigest() == digest  # copy on write
 
 
-def test_linux_mid_loop_continues_in_a_new_process(linux_guest, tmp_path):
-    source = Pyhv(tmp_path, "linux", *linux_tick_loop(linux_guest))
-    tick = TICK
+def test_linux_mid_loop_continues_in_a_new_process_and_its_disk_stays_consistent(linux_guest, tmp_path):
+    """The loop appends a counter and its uptime to a file on a virtio-blk disk and the serial port; snapshot it
+    mid-loop, restore it in a new process: it goes on from the next number, time never goes backwards, and after
+    its clean unmount and exit the file holds every line once, in order."""
+    disk = tmp_path / "disk.img"
+    source = Pyhv(tmp_path, "linux", *linux_disk_loop(linux_guest, disk, LAST))
     try:
-        deadline = time.monotonic() + 300
-        while len(tick.findall(source.text())) < 3:
-            assert source.proc.poll() is None and time.monotonic() < deadline, source.text()
-            time.sleep(0.2)
-        source.qmp.execute("stop")
-        before = tick.findall(source.text())
+        wait_ticks(source, 4)
+        source.qmp.execute("stop")                              # what the serial port shows is what is saved
+        before = TICK.findall(source.text())
         snapshot(source, tmp_path / "snap")
     finally:
-        source.kill()
+        source.kill()                                           # nothing more reaches the disk from here
     last, last_up = int(before[-1][0]), float(before[-1][1])
     restored = Pyhv(tmp_path, "restored", "--restore", str(tmp_path / "snap"))
-    try:
-        deadline = time.monotonic() + 60
-        while len(tick.findall(restored.text())) < 3:
-            assert restored.proc.poll() is None and time.monotonic() < deadline, restored.text()
-            time.sleep(0.2)
-        after = [(int(n), float(up)) for n, up in tick.findall(restored.text())]
-    finally:
-        restored.kill()
+    status, err = restored.proc.wait(120), ""
+    after = [(int(n), float(up)) for n, up in TICK.findall(restored.text())]
+    restored.kill()
+    assert status == 1, (err, restored.text()[-2000:])              # pyhv-exit 0: the loop finished
     numbers = [n for n, _ in after]
     assert numbers[0] in (last + 1, last + 2), (before[-3:], after[:3])   # +2 only if the pause split a line
-    assert numbers == list(range(numbers[0], numbers[0] + len(numbers)))   # no gap, no repeat
+    assert numbers == list(range(numbers[0], LAST + 1))                    # no gap, no repeat
     assert after[0][1] >= last_up                                          # guest time never goes backwards
     assert "Segmentation fault" not in restored.text()
+    log = disk_log(disk)
+    assert [n for n, _ in log] == list(range(1, LAST + 1)), log             # every line once, in order
+    assert all(a[1] <= b[1] for a, b in zip(log, log[1:]))
 
 
 def test_refusals_leave_the_vm_running_and_are_one_line(guest, tmp_path):
-    disk = tmp_path / "disk.img"
-    disk.write_bytes(bytes(1 << 20))
-    vm = Pyhv(tmp_path, "disk", "--firmware", guest("counter"), "--drive", f"file={disk},format=raw")
+    vm = Pyhv(tmp_path, "rng", "--firmware", guest("counter"), "--device", "virtio-rng")
     try:
         r = subprocess.run([sys.executable, "-m", "pyhv.cli", "snapshot", "create", str(tmp_path / "no"),
                             vm.qmp_path], capture_output=True, timeout=60)
-        assert r.returncode != 0 and "virtio" in r.stderr.decode(), r.stderr.decode()
+        assert r.returncode != 0 and "virtio-rng" in r.stderr.decode(), r.stderr.decode()   # names the device
         assert vm.qmp.execute("query-status")["status"] == "running"            # refused before any pause
         assert not (tmp_path / "no" / "state.json").exists()
     finally:
         vm.kill()
-    good = Pyhv(tmp_path, "good", "--firmware", guest("counter"))
+    disk = tmp_path / "disk.img"
+    disk.write_bytes(bytes(1 << 20))
+    good = Pyhv(tmp_path, "good", "--firmware", guest("counter"), "--drive", f"file={disk},format=raw")
     try:
         snapshot(good, tmp_path / "snap")
     finally:
@@ -129,3 +129,9 @@ def test_refusals_leave_the_vm_running_and_are_one_line(guest, tmp_path):
     r = subprocess.run([sys.executable, "-m", "pyhv.cli", "run", "--restore", str(tmp_path / "snap"), "--memory",
                         "256M"], capture_output=True, timeout=60)
     assert r.returncode == 2 and "cannot change" in r.stderr.decode()
+    with open(tmp_path / "snap" / "memory.raw", "r+b") as f:
+        f.truncate(f.seek(0, 2) - 4096)
+    copy = tmp_path / "copy.img"                                # another file where the disk was: refused
+    copy.write_bytes(disk.read_bytes())
+    copy.replace(disk)
+    assert "not the image of the snapshot" in restore_error()

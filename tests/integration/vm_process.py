@@ -13,6 +13,10 @@ from pyhv.monitor.client import QmpClient
 COUNTER = 0x500            # the counter test guest increments this 32-bit word forever
 TICK = re.compile(r"^tick (\d+) ([\d.]+)\r?$", re.M)
 TICK_LOOP = "i=0; while :; do i=$((i+1)); read up idle < /proc/uptime; echo tick $i $up; sleep 0.2; done"
+# the same, appending each line to a file on a virtio-blk disk too, until LAST; then a clean unmount and exit 0
+DISK_LOOP = ("mkdir -p /mnt; mount -t ext4 /dev/vda /mnt || pyhv-exit 3; i=0; while [ $i -lt {last} ]; do "
+             "i=$((i+1)); read up idle < /proc/uptime; echo \"$i $up\" >> /mnt/log; echo tick $i $up; sleep 0.2; "
+             "done; umount /mnt; pyhv-exit 0")
 
 
 class Pyhv:
@@ -71,6 +75,21 @@ def linux_tick_loop(linux_guest) -> list[str]:
     """`pyhv run` options for the small Linux kernel running TICK_LOOP on its serial console."""
     return ["--kernel", str(linux_guest.bzimage), "--initrd", str(linux_guest.initramfs_uncompressed),
             "--memory", "128M", "--append", f"console=ttyS0 reboot=k panic=-1 {encode_command(TICK_LOOP)}"]
+
+
+def linux_disk_loop(linux_guest, disk, last: int) -> list[str]:
+    """The small Linux kernel running DISK_LOOP on an ext4 image made here (mkfs.ext4 from e2fsprogs)."""
+    subprocess.run(["truncate", "-s", "64M", str(disk)], check=True)
+    subprocess.run(["mkfs.ext4", "-q", "-F", str(disk)], check=True)
+    return ["--kernel", str(linux_guest.bzimage), "--initrd", str(linux_guest.initramfs_uncompressed),
+            "--memory", "128M", "--drive", f"file={disk},format=raw",
+            "--append", f"console=ttyS0 reboot=k panic=-1 {encode_command(DISK_LOOP.format(last=last))}"]
+
+
+def disk_log(disk) -> list[tuple[int, float]]:
+    """The lines the guest's loop appended to /log on the image (debugfs from e2fsprogs reads it, not mounting)."""
+    out = subprocess.run(["debugfs", "-R", "cat /log", str(disk)], capture_output=True, text=True, check=True).stdout
+    return [(int(n), float(up)) for n, up in (line.split() for line in out.splitlines() if line.strip())]
 
 
 def wait_ticks(vm: Pyhv, count: int, timeout: float = 300) -> list[tuple[int, float]]:

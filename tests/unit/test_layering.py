@@ -12,6 +12,7 @@ ROOT = Path(__file__).resolve().parents[2]
 # its own layer. `pyhv` itself is the facade (`pyhv.VM`) at the top.
 LAYERS: list[set[str]] = [
     {"pyhv.errors", "pyhv.version", "pyhv.trace"},
+    {"pyhv.state_codec"},
     {"pyhv.kvm"},
     {"pyhv.memory", "pyhv.stats"},
     {"pyhv.runtime"},

@@ -96,3 +96,10 @@ def test_newer_versions_and_other_formats_are_refused(tmp_path):
         load_state(_write(tmp_path, _sealed({**_good_body(), "version": VERSION + 1})))
     with pytest.raises(SnapshotError, match="not a pyhv snapshot .format 'qemu'"):
         load_state(_write(tmp_path, _sealed({**_good_body(), "format": "qemu"})))
+
+
+def test_a_list_of_dataclasses_decodes_into_the_live_elements():
+    live = [Inner(), Inner()]
+    first = live[0]
+    result = decode(json.loads(json.dumps(encode([Inner(True, b"a"), Inner(False, b"b")]))), live)
+    assert result == [Inner(True, b"a"), Inner(False, b"b")] and result[0] is first
