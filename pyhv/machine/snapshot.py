@@ -134,10 +134,18 @@ def restore_vcpu(vcpu: "Vcpu", data: dict) -> None:
 
 # --- the whole VM ----------------------------------------------------------------------------------------------
 def unsaveable_devices(machine: "Machine") -> list[str]:
-    """Devices whose state a snapshot would miss (they have not declared it whole: `SNAPSHOT = True`)."""
-    names = [name for name, device in machine.devices.items() if not getattr(device, "SNAPSHOT", False)]
-    names += [t.name for t in getattr(machine.board, "transports", []) if t.name not in machine.devices]
-    return names
+    """Devices whose state a snapshot would miss (they have not declared it whole: `SNAPSHOT = True`), each with
+    the reason it gives (`snapshot_refusal`, on the device or its back end) when it has one."""
+    transports = getattr(machine.board, "transports", [])
+    candidates = [*machine.devices.items(), *((t.name, t) for t in transports if t.name not in machine.devices)]
+    out = []
+    for name, device in candidates:
+        if getattr(device, "SNAPSHOT", False):
+            continue
+        reason = getattr(device, "snapshot_refusal", None) or getattr(getattr(device, "backend", None),
+                                                                      "snapshot_refusal", None)
+        out.append(f"{name} ({reason})" if reason else name)
+    return out
 
 
 def check_saveable(machine: "Machine", what: str = "snapshot") -> None:

@@ -75,16 +75,25 @@ class VhostUserFrontend(VirtioDevice):
                 raise ConfigError(f"vhost-user back end {socket_path} serves {offered} queues, not {num_queues}")
         self.queue_sizes = (queue_size,) * num_queues
 
+    @property
+    def snapshot_refusal(self) -> str:
+        """Why a snapshot or migration cannot include this device (pyhv/machine/snapshot.py names it)."""
+        if not self.offered_protocol_features >> P.VHOST_USER_PROTOCOL_F_LOG_SHMFD & 1:
+            return ("a vhost-user device whose back end does not offer VHOST_USER_PROTOCOL_F_LOG_SHMFD, the dirty "
+                    "log a migration needs")
+        return "a vhost-user device: its back end offers LOG_SHMFD, but pyhv does not migrate vhost-user state yet"
+
     # --- connection ------------------------------------------------------------------------------------------
     def _connect(self) -> None:
         try:
             self.client = c = VhostUserClient(self.socket_path, connect_wait=self.connect_wait)
             self.backend_features = c.get_features()
-            self.protocol_features = 0
+            self.protocol_features = self.offered_protocol_features = 0
             if self.backend_features >> P.VHOST_USER_F_PROTOCOL_FEATURES & 1:
                 wanted = bits(P.VHOST_USER_PROTOCOL_F_REPLY_ACK, P.VHOST_USER_PROTOCOL_F_CONFIG,
                               P.VHOST_USER_PROTOCOL_F_MQ)
-                c.set_protocol_features(c.get_protocol_features() & wanted)
+                self.offered_protocol_features = c.get_protocol_features()
+                c.set_protocol_features(self.offered_protocol_features & wanted)
                 self.protocol_features = c.protocol_features
             c.set_owner()
             self._config = self._read_config()

@@ -135,3 +135,25 @@ def test_refusals_leave_the_vm_running_and_are_one_line(guest, tmp_path):
     copy.write_bytes(disk.read_bytes())
     copy.replace(disk)
     assert "not the image of the snapshot" in restore_error()
+
+
+def test_a_vhost_user_device_is_refused_naming_the_missing_logging_feature(guest, tmp_path):
+    from vhost_helpers import Backend
+    disk = tmp_path / "disk.img"
+    disk.write_bytes(bytes(1 << 20))
+    backend = Backend(tmp_path, "--type", "blk", "--image", str(disk))
+    try:
+        vm = Pyhv(tmp_path, "vhost", "--machine", "pc", "--memory-backend", "memfd", "--firmware", guest("counter"),
+                  "--device", f"vhost-user-blk-pci,socket={backend.socket}")
+        try:
+            with pytest.raises(Exception) as refused:
+                vm.qmp.execute("x-pyhv-snapshot-create", path=str(tmp_path / "snap"))
+            assert "vhost-user" in str(refused.value) and "LOG_SHMFD" in str(refused.value), refused.value
+            with pytest.raises(Exception) as refused:
+                vm.qmp.execute("migrate", uri="tcp:127.0.0.1:9")
+            assert "LOG_SHMFD" in str(refused.value)
+            assert vm.qmp.execute("query-status")["status"] == "running"
+        finally:
+            vm.kill()
+    finally:
+        backend.stop()
