@@ -1,7 +1,7 @@
 """Device state to JSON and back into the live objects: what snapshots and live migration write for each device.
 
 A device's mutable state is one dataclass (DESIGN.md); `encode` turns it into JSON-ready values (dataclasses,
-bytes/bytearray, deque, tuple, dict with any keys, and plain scalars) and `decode` writes saved values back into the
+bytes/bytearray, deque, tuple, set, dict with any keys, and plain scalars) and `decode` writes saved values back into the
 device's own objects, so references other code holds (a register bank's state) stay valid. A field the live
 dataclass does not have, or a type it cannot write, is a `StateError`.
 """
@@ -27,6 +27,8 @@ def encode(value: Any) -> Any:
         return {"__deque__": [encode(v) for v in value]}
     if isinstance(value, tuple):
         return {"__tuple__": [encode(v) for v in value]}
+    if isinstance(value, (set, frozenset)):
+        return {"__set__": [encode(v) for v in sorted(value, key=repr)]}
     if isinstance(value, list):
         return [encode(v) for v in value]
     if isinstance(value, dict):
@@ -59,6 +61,8 @@ def decode(data: Any, current: Any = None) -> Any:
         return deque(decode(v) for v in data["__deque__"])
     if "__tuple__" in data:
         return tuple(decode(v) for v in data["__tuple__"])
+    if "__set__" in data:
+        return set(decode(v) for v in data["__set__"])
     if "__dict__" in data:
         return {decode(k): decode(v) for k, v in data["__dict__"]}
     raise StateError(f"unknown value in the state file: {sorted(data)[:3]}")

@@ -99,6 +99,7 @@ class FwCfgState:
 
 
 class FwCfg:
+    SNAPSHOT = True                  # `state` is all it keeps (items are built from the config; DMA is synchronous)
     def __init__(self, name: str = "fw_cfg", memory: GuestMemory | None = None) -> None:
         self.name = name
         self.memory = memory

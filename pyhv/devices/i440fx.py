@@ -68,6 +68,7 @@ def pam_segments() -> list[tuple[int, int, int, int]]:
 
 
 class I440fx(PciDevice):
+    SNAPSHOT = True                  # config space is all: PAM modes follow from it at restore
     VENDOR_ID = PCI_VENDOR_ID_INTEL
     DEVICE_ID = PCI_DEVICE_ID_INTEL_82441
     REVISION = 0x02

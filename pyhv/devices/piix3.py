@@ -49,6 +49,8 @@ class Piix3State:
 
 
 class Piix3(PciDevice):
+    SNAPSHOT = True
+    SNAPSHOT_EXTRA = ("pirq_state",)
     VENDOR_ID = PCI_VENDOR_ID_INTEL
     DEVICE_ID = PCI_DEVICE_ID_INTEL_82371SB_0
     CLASS_CODE = PCI_CLASS_BRIDGE_ISA

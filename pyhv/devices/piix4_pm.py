@@ -56,6 +56,8 @@ class PmState:
 
 
 class Piix4Pm(PciDevice):
+    SNAPSHOT = True
+    SNAPSHOT_EXTRA = ("pm",)
     VENDOR_ID = PCI_VENDOR_ID_INTEL
     DEVICE_ID = PCI_DEVICE_ID_INTEL_82371AB_3
     REVISION = 0x03
@@ -95,6 +97,11 @@ class Piix4Pm(PciDevice):
         c.set(PIIX_SMBHSTBASE, 4, 0x1)
         c.set_mask(PIIX_SMBHSTBASE, 4, 0xFFF0)
         c.set_mask(PIIX_SMBHSTCFG, 1, 0x0F)
+
+    def restore_state(self, data: dict) -> None:
+        super().restore_state(data)
+        with self.lock:
+            self._update_sci()
 
     def config_written(self, offset: int, size: int, value: int) -> None:
         if (offset < PIIX_PMBASE + 4 and offset + size > PIIX_PMBASE) or offset <= PIIX_PMREGMISC < offset + size:

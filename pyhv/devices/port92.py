@@ -21,6 +21,7 @@ class Port92State:
 
 
 class Port92:
+    SNAPSHOT = True                  # `state` is all it keeps (pyhv/machine/snapshot.py)
     SIZE = 1
     REGISTERS = (Register(0, "control_a", read="_read", write="_write"),)
 

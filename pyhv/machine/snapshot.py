@@ -152,8 +152,8 @@ def check_saveable(machine: "Machine", what: str = "snapshot") -> None:
     missing = unsaveable_devices(machine)
     if missing:
         raise SnapshotError(f"cannot {what} this VM: {', '.join(missing)} do not declare their whole state yet "
-                            "(snapshots and migration cover the legacy platform devices and virtio-blk on virtio-mmio for "
-                            "now)")
+                            "(snapshots and migration cover the platform and pc chipset devices and virtio-blk on "
+                            "virtio-mmio for now)")
 
 
 def capture_state(machine: "Machine") -> dict:

@@ -157,3 +157,48 @@ def test_a_vhost_user_device_is_refused_naming_the_missing_logging_feature(guest
             vm.kill()
     finally:
         backend.stop()
+
+
+SEABIOS = "/usr/share/seabios/bios.bin"
+
+
+def _seabios_log(path, until: str = "No bootable device") -> list[str]:
+    lines = [line for line in (path.read_text(errors="replace") if path.exists() else "").splitlines()
+             if "unknown scancode" not in line]
+    return lines[:next((i + 1 for i, line in enumerate(lines) if until in line), len(lines))]
+
+
+def _wait_log(vm: Pyhv, path, text: str, timeout: float = 120) -> None:
+    deadline = time.monotonic() + timeout
+    while text not in (path.read_text(errors="replace") if path.exists() else ""):
+        assert vm.proc.poll() is None and time.monotonic() < deadline, vm.proc.communicate()[1][-2000:]
+        time.sleep(0.05)
+
+
+def test_seabios_paused_mid_boot_goes_on_in_a_new_process(tmp_path):
+    """Real firmware on the pc machine (PCI config space, PAM shadowing, fw_cfg, PIC/PIT/RTC): its log from before
+    the snapshot and from the restored process together are exactly the log of an uninterrupted boot."""
+    common = ["--machine", "pc", "--firmware", SEABIOS]
+    reference_log = tmp_path / "reference.log"
+    reference = Pyhv(tmp_path, "reference", *common, "--debugcon", f"file:{reference_log}")
+    try:
+        _wait_log(reference, reference_log, "No bootable device")
+    finally:
+        reference.kill()
+    before_log, after_log = tmp_path / "before.log", tmp_path / "after.log"
+    source = Pyhv(tmp_path, "source", *common, "--debugcon", f"file:{before_log}")
+    try:
+        _wait_log(source, before_log, "Found QEMU fw_cfg")
+        source.qmp.execute("stop")
+        snapshot(source, tmp_path / "snap")
+    finally:
+        source.kill()
+    before = _seabios_log(before_log)
+    assert before and not any("No bootable device" in line for line in before)     # it was mid-boot
+    restored = Pyhv(tmp_path, "restored", "--restore", str(tmp_path / "snap"), "--debugcon", f"file:{after_log}")
+    try:
+        _wait_log(restored, after_log, "No bootable device")
+    finally:
+        restored.kill()
+    after = _seabios_log(after_log)
+    assert before + after == _seabios_log(reference_log)     # nothing lost, nothing repeated (no reboot)

@@ -24,13 +24,14 @@ class Outer:
     ram: bytearray = field(default_factory=lambda: bytearray(4))
     queue: deque = field(default_factory=deque)
     pairs: dict = field(default_factory=dict)
+    seen: set = field(default_factory=set)
     inner: Inner = field(default_factory=Inner)
     last: int | None = None
 
 
 def test_state_round_trips_into_the_live_object():
     saved = Outer(7, 0.25, "y", bytearray(b"\x01\x02\x03\x04"), deque([(1, True), (2, False)]), {3: "c"},
-                  Inner(True, b"\xff"), 9)
+                  {5, 9}, Inner(True, b"\xff"), 9)
     text = json.dumps(encode(saved))
     live = Outer()
     inner, ram = live.inner, live.ram

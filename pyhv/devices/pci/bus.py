@@ -14,6 +14,7 @@ import logging
 from dataclasses import dataclass
 from typing import Callable, Protocol
 
+from pyhv.state_codec import StateError
 from pyhv.devices.device import Claim, device_region
 from pyhv.devices.pci.constants import CLASS_NAMES, PCI_HEADER_TYPE, PCI_HEADER_TYPE_MULTI_FUNCTION
 from pyhv.devices.pci.device import Bar, PciDevice
@@ -42,6 +43,24 @@ def pirq_swizzle(slot: int, pin: int) -> int:
 
 
 class PciBus:
+    @property
+    def SNAPSHOT(self) -> bool:  # noqa: N802  (the devices' opt-in flag: here, every function's)
+        return all(fn.SNAPSHOT for fn in self.devices.values())
+
+    @property
+    def snapshot_refusal(self) -> str:
+        return "PCI functions without saved state: " + ", ".join(
+            f"{fn.name} ({devfn >> 3:02x}.{devfn & 7})" for devfn, fn in sorted(self.devices.items()) if not fn.SNAPSHOT)
+
+    def snapshot_state(self) -> dict:
+        return {f"{devfn:#x}": fn.snapshot_state() for devfn, fn in sorted(self.devices.items())}
+
+    def restore_state(self, data: dict) -> None:
+        if sorted(data) != sorted(f"{devfn:#x}" for devfn in self.devices):
+            raise StateError(f"PCI functions {sorted(data)} saved, {sorted(f'{d:#x}' for d in self.devices)} here")
+        for devfn, fn in sorted(self.devices.items()):
+            fn.restore_state(data[f"{devfn:#x}"])
+
     def __init__(self, memory: MemoryRegion, io: MemoryRegion, number: int = 0) -> None:
         self.number = number
         self.memory = memory
@@ -140,6 +159,7 @@ class PciHostState:
 class PciHostPorts:
     """Configuration mechanism #1 in front of a `PciBus` (the i440FX's 0xCF8/0xCFC), plus the PIIX3 reset control
     register that shares the dword at 0xCF8."""
+    SNAPSHOT = True                  # `state` is all it keeps (the functions are saved with the bus)
 
     ADDRESS_SIZE = 4
     DATA_SIZE = 4

@@ -15,6 +15,7 @@ import threading
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Callable
 
+from pyhv.state_codec import StateError, decode, encode
 from pyhv.devices.pci.constants import (
     PCI_BASE_ADDRESS_0, PCI_BASE_ADDRESS_MEM_PREFETCH, PCI_BASE_ADDRESS_MEM_TYPE_64, PCI_BASE_ADDRESS_SPACE_IO,
     PCI_CAPABILITY_LIST, PCI_CLASS_PROG, PCI_COMMAND, PCI_COMMAND_INTX_DISABLE, PCI_COMMAND_IO, PCI_COMMAND_MASTER,
@@ -202,6 +203,32 @@ class PciDevice:
             out.append((ptr, self.config.get(ptr, 1)))
             ptr = self.config.get(ptr + 1, 1) & ~3
         return out
+
+    # --- snapshots and migration (pyhv/machine/snapshot.py) ------------------------------------------------------
+    SNAPSHOT = False                  # a subclass opts in once config space + `state` + SNAPSHOT_EXTRA is all it keeps
+    SNAPSHOT_EXTRA: tuple[str, ...] = ()   # names of further state dataclasses (e.g. the PIIX3's PIRQ levels)
+
+    def snapshot_state(self) -> dict:
+        with self.lock:
+            return {"config": bytes(self.config.data).hex(), "state": encode(self.state),
+                    "extra": {name: encode(getattr(self, name)) for name in self.SNAPSHOT_EXTRA}}
+
+    def restore_state(self, data: dict) -> None:
+        """Config space and state back, then every side effect the registers imply (BAR mappings, INTx, and the
+        subclass's own through config_written over the whole space: PAM, PIRQ routing, the PM I/O base...)."""
+        raw = bytes.fromhex(data["config"])
+        if len(raw) != self.config.size:
+            raise StateError(f"{self.name}: configuration space of {len(raw)} bytes, {self.config.size} here")
+        with self.lock:
+            self.config.data[:] = raw
+            decode(data["state"], self.state)
+            for name, value in data.get("extra", {}).items():
+                if name not in self.SNAPSHOT_EXTRA:
+                    raise StateError(f"{self.name}: the saved state has {name!r}, which this device does not keep")
+                decode(value, getattr(self, name))
+            self.update_mappings()
+            self._drive_intx()
+            self.config_written(0, self.config.size, 0)
 
     # --- configuration access (from the host bridge) ----------------------------------------------------------
     def config_read(self, offset: int, size: int) -> int:
