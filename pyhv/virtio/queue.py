@@ -64,6 +64,7 @@ DESC_SIZE = 16
 MAX_CHAIN_BYTES = 1 << 32
 
 _DESC = struct.Struct("<QIHH")          # addr, len, flags, next
+PAGE = 4096
 _U16 = struct.Struct("<H")
 _USED_ELEM = struct.Struct("<II")       # id, len
 
@@ -376,6 +377,9 @@ class VirtQueue:
         (virtio-net's mergeable receive buffers publish several chains at once with `flush`)."""
         slot = (self.state.next_used + offset) % self.size
         _USED_ELEM.pack_into(self._used, 4 + 8 * slot, head, written)
+        dirty = getattr(self.memory, "dirty", None)
+        if dirty is not None:                  # a live migration: KVM does not see what pyhv writes
+            self._mark_written(head, dirty)
 
     def flush(self, count: int) -> None:
         """Publish `count` used elements written by `fill`."""
@@ -383,6 +387,29 @@ class VirtQueue:
         st.next_used = (st.next_used + count) & 0xFFFF
         st.pushed += count
         _U16.pack_into(self._used, 2, st.next_used)
+
+    def _mark_written(self, head: int, dirty: set[int]) -> None:
+        """Add to `dirty` the guest pages of the chain's device-writable buffers and of the used ring (the chain
+        was checked when it was popped; this walk only reads addresses, and gives up quietly on anything odd)."""
+        used = self.state.used_addr
+        dirty.update(range(used - used % PAGE, used + 6 + 8 * self.size, PAGE))
+        table, limit, i = self._desc, self.size, head
+        for _ in range(2 * self.size + 2):
+            if i >= limit:
+                return
+            addr, length, flags, nxt = _DESC.unpack_from(table, DESC_SIZE * i)
+            if flags & VIRTQ_DESC_F_INDIRECT:
+                try:
+                    table = bytes(self.memory.view(addr, length))
+                except GuestMemoryError:
+                    return
+                limit, i = len(table) // DESC_SIZE, 0
+                continue
+            if flags & VIRTQ_DESC_F_WRITE and length:
+                dirty.update(range(addr - addr % PAGE, addr + length, PAGE))
+            if not flags & VIRTQ_DESC_F_NEXT:
+                return
+            i = nxt
 
     def should_notify(self) -> bool:
         """Whether the driver wants an interrupt for the used buffers pushed since the last call."""

@@ -163,9 +163,11 @@ SEABIOS = "/usr/share/seabios/bios.bin"
 
 
 def _seabios_log(path, until: str = "No bootable device") -> list[str]:
+    """The firmware's log up to `until` (that line cut there: the rest may not have reached the file yet)."""
     lines = [line for line in (path.read_text(errors="replace") if path.exists() else "").splitlines()
              if "unknown scancode" not in line]
-    return lines[:next((i + 1 for i, line in enumerate(lines) if until in line), len(lines))]
+    end = next((i for i, line in enumerate(lines) if until in line), None)
+    return lines if end is None else lines[:end] + [until]
 
 
 def _wait_log(vm: Pyhv, path, text: str, timeout: float = 120) -> None:

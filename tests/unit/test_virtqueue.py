@@ -381,3 +381,25 @@ def test_disabled_notifications_hold_even_when_the_device_works_during_a_long_ba
             q.push(chain, 0)
         d.take_used()
         old = new
+
+
+def test_during_a_migration_push_marks_the_pages_the_device_wrote(mem):
+    """KVM's dirty log does not see pyhv's own writes into guest memory: the queue reports them."""
+    d = RingDriver(mem)
+    q = d.queue()
+    big = d.heap + 16                                                 # after the 7-byte request (16 in the heap)
+    direct = d.add([(b"request", False), (0x2000, True)])           # a writable buffer over three pages
+    small = d.heap + 32 + 16                                          # after the 2-entry table and the "r"
+    indirect = d.add_indirect([(b"r", False), (5, True)])
+    d.publish(direct, indirect)
+    first, second = q.pop(), q.pop()
+    pages = lambda a, n: set(range(a - a % 4096, a + n, 4096))        # noqa: E731
+    used = pages(d.used, 6 + 8 * d.size)
+    mem.dirty = set()
+    q.push(first, 0x2000)
+    assert mem.dirty == used | pages(big, 0x2000) and len(pages(big, 0x2000)) == 3
+    mem.dirty = set()
+    q.push(second, 5)
+    assert mem.dirty == used | pages(small, 5)                       # found through the indirect table
+    mem.dirty = None
+    q.push(first, 0)                                                  # no migration: nothing kept
