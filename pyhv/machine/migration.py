@@ -100,6 +100,22 @@ class _Stream:
         return kind, self.read_exact(length)
 
 
+def _exec_stream(command: str) -> tuple[_Stream, Callable[[], None]]:
+    """exec: URIs: COMMAND run by the shell, the stream written to its stdin and read from its stdout."""
+    proc = subprocess.Popen(["/bin/sh", "-c", command], stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+    stdin, stdout = proc.stdin, proc.stdout
+    assert stdin is not None and stdout is not None
+
+    def write(data: bytes) -> None:
+        stdin.write(data)
+        stdin.flush()
+
+    def close() -> None:
+        proc.kill()
+        proc.wait()
+    return _Stream(stdout.read1, write), close
+
+
 class Migration:
     """The source side: one outgoing migration, on its own thread; `info()` is QMP's query-migrate."""
 
@@ -155,14 +171,7 @@ class Migration:
     # --- the work --------------------------------------------------------------------------------------------
     def _connect(self) -> tuple[_Stream, Callable[[], None]]:
         if self.kind == "exec":
-            proc = subprocess.Popen(["/bin/sh", "-c", str(self.target)], stdin=subprocess.PIPE,
-                                    stdout=subprocess.PIPE)
-            assert proc.stdin is not None and proc.stdout is not None
-
-            def write(data: bytes) -> None:
-                proc.stdin.write(data)  # type: ignore[union-attr]
-                proc.stdin.flush()  # type: ignore[union-attr]
-            return _Stream(proc.stdout.read1, write), lambda: (proc.kill(), proc.wait())  # type: ignore[func-returns-value]
+            return _exec_stream(str(self.target))
         family = socket.AF_INET if self.kind == "tcp" else socket.AF_UNIX
         sock = socket.socket(family, socket.SOCK_STREAM)
         sock.settimeout(30)
@@ -307,22 +316,15 @@ class Incoming:
             print(f"pyhv: waiting for the migration on {self.kind}:{self.address}", file=sys.stderr, flush=True)
         self.status = "active"
         self.on_status("active")
-        conn = None
+        close: Callable[[], object] = lambda: None
         try:
             if self.listener is not None:
                 conn, _ = self.listener.accept()
                 conn.settimeout(60)
-                stream = _Stream(conn.recv, conn.sendall)
-                reply = conn.sendall
+                stream, close = _Stream(conn.recv, conn.sendall), conn.close
             else:                                       # exec: the stream is the command's output
-                proc = subprocess.Popen(["/bin/sh", "-c", str(self.target)], stdin=subprocess.PIPE,
-                                        stdout=subprocess.PIPE)
-                assert proc.stdin is not None and proc.stdout is not None
-
-                def reply(data: bytes) -> None:
-                    proc.stdin.write(data)  # type: ignore[union-attr]
-                    proc.stdin.flush()  # type: ignore[union-attr]
-                stream = _Stream(proc.stdout.read1, reply)
+                stream, close = _exec_stream(str(self.target))
+            reply = stream.write
             try:
                 self._receive(stream)
             except (MigrationError, SnapshotError, ValueError, KeyError) as e:
@@ -340,8 +342,7 @@ class Incoming:
             self.on_status("failed")
             raise MigrationError(f"incoming migration failed: {e}") from None
         finally:
-            if conn is not None:
-                conn.close()
+            close()
             if self.listener is not None:
                 self.listener.close()
                 if self.kind == "unix":

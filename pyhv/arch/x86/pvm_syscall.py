@@ -22,7 +22,6 @@ from dataclasses import dataclass
 from typing import Callable
 
 from pyhv.kvm import Vcpu
-from pyhv.kvm import constants as C
 from pyhv.kvm import structs as S
 
 log = logging.getLogger(__name__)
@@ -31,8 +30,6 @@ MSR_STAR = 0xC0000081
 MSR_LSTAR = 0xC0000082
 MSR_SYSCALL_MASK = 0xC0000084
 RFLAGS_FIXED = 1 << 1
-DR7_L0 = 1 << 0
-DR7_FIXED_1 = 1 << 10
 DB_VECTOR = 1
 PF_VECTOR = 14
 IDT_GATE_SIZE = 16
@@ -49,10 +46,9 @@ class SyscallRepair:
     """`apply_debug(vcpu)` sets the vCPU's KVM_SET_GUEST_DEBUG from `debug_request()` (and whatever else uses the
     debug registers, e.g. a gdb session: pyhv/machine/guest_debug.py), so the repair owns DR0 and nothing more."""
 
-    def __init__(self, read_phys: Callable[[int, int], bytes],
-                 apply_debug: Callable[[Vcpu], None] | None = None) -> None:
+    def __init__(self, read_phys: Callable[[int, int], bytes], apply_debug: Callable[[Vcpu], None]) -> None:
         self.read_phys = read_phys
-        self.apply_debug = apply_debug or self._apply_alone
+        self.apply_debug = apply_debug
         self.vcpus: dict[int, _VcpuState] = {}
         self.repaired = 0
         self.page_faults = 0
@@ -78,16 +74,6 @@ class SyscallRepair:
         if state is None:
             return None, False
         return (None, True) if state.stepping else (state.handler, False)
-
-    def _apply_alone(self, vcpu: Vcpu) -> None:
-        address, step = self.debug_request(vcpu.id)
-        if step:
-            vcpu.set_guest_debug(C.KVM_GUESTDBG_ENABLE | C.KVM_GUESTDBG_SINGLESTEP)
-        elif address is not None:
-            vcpu.set_guest_debug(C.KVM_GUESTDBG_ENABLE | C.KVM_GUESTDBG_USE_HW_BP,
-                                 [address, 0, 0, 0, 0, 0, 0, DR7_FIXED_1 | DR7_L0])
-        else:
-            vcpu.set_guest_debug(0)
 
     def try_arm(self, vcpu: Vcpu) -> bool:
         """Arm the breakpoint if the guest kernel has set up SYSCALL on this vCPU (call on the vCPU's thread)."""
