@@ -77,6 +77,7 @@ class VmConfig:
     acpi: bool = True               # pyhv's ACPI tables describe the machine (False: the MP table, as before)
     sidecore: bool = False          # a thread of its own polls the virtio-blk/net queues (virtio/poller.py)
     iommu: str | None = None        # "intel": a VT-d DMA remapping unit in front of every PCI device (pc)
+    sandbox: bool = True            # vCPU and I/O threads under a seccomp deny list (runtime/sandbox.py)
 
     def validate(self) -> "VmConfig":
         if self.machine not in MACHINES:

@@ -68,13 +68,20 @@ def _add_run_options(p: argparse.ArgumentParser) -> None:
                          "needs --memory-backend memfd); `--device help` lists them all with their options")
     hw.add_argument("--drive", action="append", default=[], metavar="SPEC",
                     help="virtio-blk disk (virtio-pci on pc, virtio-mmio on microvm): file=PATH[,readonly=on]"
-                         "[,cache=none|writeback][,serial=ID][,num-queues=N][,bootindex=N]; repeat for more disks")
+                         "[,cache=none|writeback][,serial=ID][,num-queues=N][,bootindex=N][,locking=off]; the "
+                         "image is locked as QEMU locks it (another writer, or a writer beside readers, is refused; "
+                         "locking=off skips the check); repeat for more disks")
     hw.add_argument("--no-ioeventfd", action="store_true",
                     help="virtio notifications exit to pyhv instead of being handled by KVM (for comparison)")
     hw.add_argument("--no-msix", action="store_true", help="PCI devices offer no MSI-X: interrupts are INTx only")
     hw.add_argument("--sidecore", action="store_true",
                     help="sidecore emulation: a thread of its own polls every virtio-blk and virtio-net queue and "
                          "the guest is asked never to notify them (default: samecore, notifications)")
+    hw.add_argument("--sandbox", choices=("on", "off"), default="on",
+                    help="on (default, as QEMU's -sandbox on): the vCPU and I/O threads run under a seccomp filter "
+                         "refusing (EPERM) the system calls a running VMM never needs: execve, fork, ptrace, "
+                         "mount, module loading, set*uid, ... and socket on vCPU threads (the list is in "
+                         "pyhv/runtime/sandbox.py); off: no filter")
     hw.add_argument("--acpi", choices=("on", "off"), default="on",
                     help="ACPI tables written by pyhv (default: on, as QEMU): the CPUs (MADT), the devices (DSDT: "
                          "virtio-mmio on microvm, the PCI root bridge on pc) and a power button (QMP "
@@ -207,7 +214,7 @@ def config_from_args(args: argparse.Namespace) -> "VmConfig":
         emulation_fallbacks=not args.no_emulation_fallbacks, name=args.name, uuid=args.uuid,
         drives=[DriveConfig.parse(d) for d in args.drive], nets=[NetConfig.parse(n) for n in args.nic],
         ioeventfd=not args.no_ioeventfd, msix=not args.no_msix, acpi=args.acpi == "on", sidecore=args.sidecore,
-        iommu=args.iommu,
+        iommu=args.iommu, sandbox=args.sandbox == "on",
     )
     config = apply_file(config, args, explicit_options(getattr(args, "argv", [])))
     if config.kernel is None and config.firmware is None:
@@ -243,7 +250,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     from pyhv.cli.runargs import RunHooks
 
     config = config_from_args(args)
-    machine = Machine(config)
+    machine = Machine(config, images_inactive=bool(getattr(args, "incoming", None)))
     if getattr(args, "restore", None):
         from pyhv.machine.snapshot import SnapshotError, restore
         try:

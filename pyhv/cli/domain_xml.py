@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import re
 import xml.etree.ElementTree as ET
+from xml.parsers import expat
 from xml.sax.saxutils import escape, quoteattr
 
 from pyhv.runtime.chardev import ChardevSpec
@@ -121,6 +122,7 @@ class _Reader:
 def parse_domain_xml(text: str | bytes, source: str = "domain XML") -> tuple[VmConfig, list[str]]:
     """Returns the validated config and the warnings (at most one about unsupported elements, plus any about
     values pyhv adjusts). Raises `ConfigError` naming the element path for anything invalid."""
+    _refuse_dtd(text, source)
     try:
         root = ET.fromstring(text)
     except ET.ParseError as e:
@@ -172,6 +174,29 @@ def parse_domain_xml(text: str | bytes, source: str = "domain XML") -> tuple[VmC
     except ConfigError as e:
         raise ConfigError(f"{source}: {e.message}", e.hint) from None
     return config, warnings
+
+
+class _DtdFound(Exception):
+    pass
+
+
+def _refuse_dtd(text: str | bytes, source: str) -> None:
+    """Refuse a document type declaration before anything is expanded: libvirt's domain XML never needs one, and
+    it is what entity expansion bombs and external entities (a file or URL read into the config) rely on."""
+    probe = expat.ParserCreate()
+
+    def found(*_args) -> None:
+        raise _DtdFound()
+    probe.StartDoctypeDeclHandler = found
+    probe.EntityDeclHandler = found
+    probe.ExternalEntityRefHandler = found
+    try:
+        probe.Parse(text, True)
+    except _DtdFound:
+        raise ConfigError(f"{source}: a DOCTYPE (DTD) at line {probe.CurrentLineNumber} is not allowed in domain "
+                          "XML", "entities and external references are refused; remove the <!DOCTYPE ...>") from None
+    except expat.ExpatError:
+        pass                        # not well-formed: ElementTree says where, below
 
 
 def load_domain_xml(path: str) -> tuple[VmConfig, list[str]]:

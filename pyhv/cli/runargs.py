@@ -37,7 +37,8 @@ OPTION_FIELDS = {"machine": "machine", "memory": "memory", "cpus": "cpus", "memo
                  "drive": "drives", "nic": "nets", "cpu": "cpu_model", "boot_entry": "boot_entry",
                  "no_pvm_workarounds": "pvm_workarounds", "pvm_syscall_fix": "pvm_syscall_fix",
                  "no_emulation_fallbacks": "emulation_fallbacks", "no_ioeventfd": "ioeventfd",
-                 "no_msix": "msix", "acpi": "acpi", "sidecore": "sidecore", "iommu": "iommu"}
+                 "no_msix": "msix", "acpi": "acpi", "sidecore": "sidecore", "iommu": "iommu",
+                 "sandbox": "sandbox"}
 LIST_FIELDS = ("devices", "drives", "nets")
 
 
@@ -57,7 +58,7 @@ def load_json_config(path: str) -> VmConfig:
         raise ConfigError(f"--config {path}: {e}") from None
 
 
-RESTORE_OVERRIDES = {"serial", "debugcon", "on_reset", "log_post", "no_accounting"}   # what --restore lets change
+RESTORE_OVERRIDES = {"serial", "debugcon", "on_reset", "log_post", "no_accounting", "sandbox"}   # what --restore lets change
 
 
 def load_file_config(args: argparse.Namespace) -> VmConfig | None:
@@ -89,7 +90,7 @@ def apply_file(flags: VmConfig, args: argparse.Namespace, explicit: set[str]) ->
         if changed:
             raise ConfigError(f"--restore: the snapshot fixes the VM's hardware; {', '.join(sorted(changed))} "
                               "cannot change", "only consoles and diagnostics (--serial, --debugcon, --on-reset, "
-                              "--log-post, --no-accounting) may be given with --restore")
+                              "--log-post, --no-accounting, --sandbox) may be given with --restore")
     for dest in explicit:
         name = OPTION_FIELDS.get(dest)
         if name is None:
@@ -144,6 +145,8 @@ def config_to_args(config: VmConfig) -> list[str]:
         opt("--acpi", "on" if config.acpi else "off")
     if config.iommu is not None:
         opt("--iommu", config.iommu)
+    if config.sandbox != default.sandbox:
+        opt("--sandbox", "on" if config.sandbox else "off")
     if config.pvm_syscall_fix != default.pvm_syscall_fix:
         opt("--pvm-syscall-fix", config.pvm_syscall_fix)
     for flag, on in (("--log-post", config.log_post), ("--no-accounting", not config.accounting),
@@ -156,7 +159,7 @@ def config_to_args(config: VmConfig) -> list[str]:
     known = {"name", "uuid", "machine", "memory", "cpus", "memory_backend", "firmware", "kernel", "initrd",
              "append", "drives", "nets", "devices", "serial", "debugcon", "on_reset", "log_post", "accounting",
              "cpu_model", "boot_entry", "pvm_workarounds", "pvm_syscall_fix", "emulation_fallbacks",
-             "ioeventfd", "msix", "acpi", "sidecore", "iommu"}
+             "ioeventfd", "msix", "acpi", "sidecore", "iommu", "sandbox"}
     missed = {f.name for f in fields(VmConfig)} - known
     if missed:                          # a field added to VmConfig without a command-line form here
         raise ConfigError(f"cannot express config fields {', '.join(sorted(missed))} as pyhv run options")

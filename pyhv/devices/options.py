@@ -25,11 +25,12 @@ class DriveConfig:
     num_queues: int = 1
     format: str = "raw"
     bootindex: int | None = None    # firmware boot order (fw_cfg `bootorder`); lower boots first
+    locking: bool = True            # QEMU's image locks (a second writer is refused); off: no check at all
 
     @classmethod
     def parse(cls, text: str) -> "DriveConfig":
-        """`file=PATH[,readonly=on][,cache=none|writeback][,serial=ID][,num-queues=N][,bootindex=N]`; a bare
-        PATH is `file=PATH`."""
+        """`file=PATH[,readonly=on][,cache=none|writeback][,serial=ID][,num-queues=N][,bootindex=N]
+        [,locking=off]`; a bare PATH is `file=PATH`."""
         fields_: dict = {}
         for i, part in enumerate(text.split(",")):
             key, eq, value = part.partition("=")
@@ -41,17 +42,18 @@ class DriveConfig:
             key = key.strip().replace("-", "_")
             if key == "file":
                 fields_["file"] = value
-            elif key == "readonly":
+            elif key in ("readonly", "locking", "file.locking"):
+                name = key.removeprefix("file.")
                 if value not in ("on", "off", "true", "false", "1", "0", "yes", "no"):
-                    raise ConfigError(f"--drive {text!r}: readonly={value} is not on or off")
-                fields_["readonly"] = value in ("on", "true", "1", "yes")
+                    raise ConfigError(f"--drive {text!r}: {name}={value} is not on or off")
+                fields_[name] = value in ("on", "true", "1", "yes")
             elif key in ("cache", "serial", "format"):
                 fields_[key] = value
             elif key in ("num_queues", "bootindex"):
                 fields_[key] = _int_option("--drive", text, key, value)
             else:
                 raise ConfigError(f"--drive {text!r}: unknown option {key.replace('_', '-')!r}",
-                                  "use file, readonly, cache, serial, num-queues, bootindex, format")
+                                  "use file, readonly, cache, serial, num-queues, bootindex, format, locking")
         if not fields_.get("file"):
             raise ConfigError(f"--drive {text!r}: no file", "write --drive file=PATH")
         return cls(**fields_)
@@ -88,6 +90,8 @@ class DriveConfig:
             parts.append(f"format={self.format}")
         if self.bootindex is not None:
             parts.append(f"bootindex={self.bootindex}")
+        if not self.locking:
+            parts.append("locking=off")
         return ",".join(parts)
 
 

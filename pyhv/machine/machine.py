@@ -41,6 +41,7 @@ from pyhv.devices.post_code import PostCode
 from pyhv.devices.uart16550 import Uart16550
 from pyhv.errors import ConfigError
 from pyhv.runtime.iothread import IoThread
+from pyhv.runtime import sandbox
 from pyhv.kvm import Kvm
 from pyhv.kvm import constants as C
 from pyhv.memory import AddressSpace, GuestMemory, GuestMemoryError, MemoryRegion, RamBlock, memory_transaction
@@ -74,8 +75,10 @@ def thread_cpu_time(native_id: int) -> dict[str, float]:
 
 
 class Machine:
-    def __init__(self, config: VmConfig, kvm: Kvm | None = None) -> None:
+    def __init__(self, config: VmConfig, kvm: Kvm | None = None, images_inactive: bool = False) -> None:
         self.config = config.validate()
+        # a live migration's destination: disk images are opened but not locked until the VM moves here
+        self.images_inactive = images_inactive
         install_kick_handler()
         self._owns_kvm = kvm is None
         self.kvm = kvm or Kvm()
@@ -96,6 +99,9 @@ class Machine:
         self.start_paused = False         # start() leaves the vCPUs stopped before their first instruction
         self.listeners: list[Callable[[str, dict], None]] = []   # lifecycle events (QMP): (event, data)
         self.iothread = IoThread()
+        # --sandbox: the threads serving the guest run under a seccomp filter (runtime/sandbox.py)
+        self.sandboxed = config.sandbox and sandbox.supported()
+        self.iothread.sandbox = "io" if self.sandboxed else None
         self.chardevs: list[Chardev] = []
 
         self.vm.set_identity_map_addr(IDENTITY_MAP_ADDR)
@@ -125,6 +131,7 @@ class Machine:
             vcpu.set_cpuid2(vcpu_cpuid(supported, i, config.cpus))
             self.vcpus.append(VcpuThread(vcpu, self.io, self.memory, handlers, accounting=config.accounting,
                                          on_first_run=self._first_run if i == 0 else None))
+            self.vcpus[-1].sandbox = "vcpu" if self.sandboxed else None
         fix = config.pvm_syscall_fix
         self.syscall_repair = SyscallRepair(self.guest_memory.read, lambda v: self.debugger.apply(v)) \
             if self.linux is not None and (fix == "on" or (fix == "auto" and self.flavour.is_pvm)) else None
@@ -174,6 +181,7 @@ class Machine:
             from pyhv.virtio.poller import QueuePoller
             polled = [t.backend for t in self.board.transports if getattr(getattr(t, "backend", None), "pollable", False)]
             self.poller = QueuePoller(polled)
+            self.poller.sandbox = "io" if self.sandboxed else None
             log.info("sidecore: polling %s", ", ".join(d.name for d in polled) or "nothing (no virtio-blk/net)")
         self.boot_rom: MemoryRegion | None = None
         self.linux: LinuxBoot | None = None
@@ -584,6 +592,28 @@ class Machine:
                 return self.wait()  # type: ignore[return-value]
             except KeyboardInterrupt:
                 self.shutdown(130, "interrupted")
+
+    def image_locks(self) -> list:
+        """The locks of the disk images this machine's devices opened (`ImageLock`, drives with locking on)."""
+        locks = []
+        for device in self.devices.values():
+            for part in (device, getattr(device, "backend", None)):
+                lock = getattr(getattr(part, "image", None), "lock", None)
+                if lock is not None and lock not in locks:
+                    locks.append(lock)
+        return locks
+
+    def activate_images(self) -> None:
+        """Take the image locks (the destination of a live migration, at switch-over); GuestImageError if
+        another process holds an image."""
+        for lock in self.image_locks():
+            lock.acquire()
+        self.images_inactive = False
+
+    def inactivate_images(self) -> None:
+        """Drop the image locks (the source of a live migration, once the VM is paused for good)."""
+        for lock in self.image_locks():
+            lock.release()
 
     def vcpu_thread(self) -> VcpuThread | None:
         """The vCPU whose thread is calling, or None."""

@@ -33,6 +33,7 @@ from typing import TYPE_CHECKING, Callable
 from pyhv.errors import ConfigError, PyhvError
 from pyhv.machine.snapshot import SnapshotError, capture_state, check_saveable, load_machine_state
 from pyhv.memory.ram import PAGE_SIZE
+from pyhv.runtime.chardev import bind_private_socket
 
 if TYPE_CHECKING:
     from pyhv.machine.machine import Machine
@@ -47,7 +48,7 @@ PAGES_PER_FRAME = 256
 MAX_FRAME = PAGES_PER_FRAME * (PAGE_SIZE + 8) + 64
 MAX_PASSES = 30
 # config fields the two sides may differ in (where their consoles go, diagnostics)
-LOCAL_FIELDS = {"serial", "debugcon", "log_post", "accounting", "name", "uuid"}
+LOCAL_FIELDS = {"serial", "debugcon", "log_post", "accounting", "name", "uuid", "sandbox"}
 
 
 class MigrationError(PyhvError):
@@ -183,7 +184,7 @@ class Migration:
     def _run(self) -> None:
         machine, memslots = self.machine, self.machine.memslots
         stream, close = None, lambda: None
-        paused = False
+        paused = released = False
         try:
             stream, close = self._connect()
             stream.write(MAGIC)
@@ -222,6 +223,8 @@ class Migration:
             self.remaining = len(pages) * PAGE_SIZE
             self._send_pages(stream, pages)
             state = json.dumps(capture_state(machine)).encode()
+            machine.inactivate_images()     # the destination locks the disks before it runs (QEMU's hand-over)
+            released = True
             stream.send(T_STATE, state)
             self.transferred += len(state)
             stream.send(T_END, b"")
@@ -245,6 +248,13 @@ class Migration:
             self.total_time = time.monotonic() - self.started
             log.warning("migration failed: %s; the VM runs on here", self.error)
             memslots.set_dirty_logging(False)
+            if released:
+                try:
+                    machine.activate_images()
+                except PyhvError as lost:
+                    log.error("migration failed and the disks cannot be taken back (%s): the VM stays paused",
+                              lost)
+                    paused = False
             if paused:
                 machine.resume()
             self._set_status("cancelled" if self.cancelled else "failed")
@@ -293,11 +303,13 @@ class Incoming:
         self.listener: socket.socket | None = None
         if self.kind in ("tcp", "unix"):
             family = socket.AF_INET if self.kind == "tcp" else socket.AF_UNIX
-            self.listener = socket.socket(family, socket.SOCK_STREAM)
-            if family == socket.AF_INET:
-                self.listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             try:
-                self.listener.bind(self.target)  # type: ignore[arg-type]
+                if family == socket.AF_INET:
+                    self.listener = socket.socket(family, socket.SOCK_STREAM)
+                    self.listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                    self.listener.bind(self.target)  # type: ignore[arg-type]
+                else:                               # 0600 from the start: guest RAM comes through it
+                    self.listener = bind_private_socket(str(self.target))
             except OSError as e:
                 raise ConfigError(f"--incoming {uri}: cannot listen: {e.strerror}") from None
             self.listener.listen(1)
@@ -328,6 +340,14 @@ class Incoming:
             try:
                 self._receive(stream)
             except (MigrationError, SnapshotError, ValueError, KeyError) as e:
+                try:
+                    reply(f"ERR {e}\n".encode())
+                except OSError:
+                    pass
+                raise MigrationError(str(e)) from None
+            try:
+                self.machine.activate_images()
+            except PyhvError as e:
                 try:
                     reply(f"ERR {e}\n".encode())
                 except OSError:

@@ -198,6 +198,15 @@ def load_machine_state(machine: "Machine", body: dict) -> None:
             machine.syscall_repair.try_arm(v.vcpu)
 
 
+def _private_file(path: str, mode: str):
+    """A new file only its owner can read (a snapshot holds the guest's RAM), never followed through a symlink."""
+    try:
+        os.unlink(path)                 # a leftover of an interrupted save (or something planted there)
+    except FileNotFoundError:
+        pass
+    return open(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600), mode)
+
+
 def save(machine: "Machine", directory: str) -> dict:
     """Pause the VM (if it runs), write the snapshot, resume it. Returns figures (seconds, bytes)."""
     check_saveable(machine)
@@ -213,7 +222,7 @@ def save(machine: "Machine", directory: str) -> dict:
         cpu_and_devices = capture_state(machine)
         layout, size = [], 0
         memory_path = os.path.join(directory, MEMORY_FILE)
-        with open(memory_path + ".tmp", "wb") as f:
+        with _private_file(memory_path + ".tmp", "wb") as f:
             for name, block in ram_blocks(machine.system_memory):
                 layout.append({"name": name, "size": block.size, "offset": size})
                 f.write(block.view)
@@ -224,7 +233,7 @@ def save(machine: "Machine", directory: str) -> dict:
                 "machine_state": "running" if was_running else "paused"}
         text = json.dumps(body, sort_keys=True)
         state_path = os.path.join(directory, STATE_FILE)
-        with open(state_path + ".tmp", "w") as f:
+        with _private_file(state_path + ".tmp", "w") as f:
             json.dump({"sha256": hashlib.sha256(text.encode()).hexdigest(), "body": body}, f, sort_keys=True)
         os.replace(state_path + ".tmp", state_path)
         downtime = time.monotonic() - paused_at

@@ -23,6 +23,7 @@ from pyhv.kvm import constants as C
 from pyhv.kvm.structs import KVM_RUN_EXIT_DATA, KVM_RUN_EXIT_REASON, KVM_RUN_IMMEDIATE_EXIT
 from pyhv.kvm.system import Vcpu, libc_ioctl
 from pyhv.memory.address_space import ALL_ONES
+from pyhv.runtime.sandbox import confined
 from pyhv.stats import ExitStats
 
 if TYPE_CHECKING:
@@ -65,6 +66,7 @@ class VcpuThread:
         self.stats = ExitStats()
         self.on_first_run = on_first_run
         self.thread: threading.Thread | None = None
+        self.sandbox: str | None = None          # "vcpu": the thread enters runtime/sandbox.py's filter first
         self.cond = threading.Condition()
         self.pause_requested = False
         self.stop_requested = False
@@ -75,7 +77,8 @@ class VcpuThread:
 
     # --- control from other threads -------------------------------------------------------------------------
     def start(self) -> None:
-        self.thread = threading.Thread(target=self._main, name=f"vcpu{self.id}", daemon=True)
+        self.thread = threading.Thread(target=confined(self.sandbox, self._main), name=f"vcpu{self.id}",
+                                       daemon=True)
         self.thread.start()
 
     def _kick(self) -> None:

@@ -12,6 +12,8 @@ import time
 from collections import deque
 from typing import Callable
 
+from pyhv.runtime.sandbox import confined
+
 log = logging.getLogger(__name__)
 
 
@@ -28,6 +30,7 @@ class Timer:
 class IoThread:
     def __init__(self, name: str = "pyhv-io") -> None:
         self.name = name
+        self.sandbox: str | None = None          # "io": the thread enters runtime/sandbox.py's filter first
         self.selector = selectors.DefaultSelector()
         self._wake_fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
         self.selector.register(self._wake_fd, selectors.EVENT_READ, self._drain_wake)
@@ -87,7 +90,7 @@ class IoThread:
 
     def start(self) -> None:
         if self._thread is None:
-            self._thread = threading.Thread(target=self._run, name=self.name, daemon=True)
+            self._thread = threading.Thread(target=confined(self.sandbox, self._run), name=self.name, daemon=True)
             self._thread.start()
 
     def stop(self) -> None:

@@ -31,6 +31,7 @@ import socket
 import stat
 from dataclasses import dataclass
 
+from pyhv.runtime.chardev import bind_private_socket
 from pyhv.runtime.iothread import IoThread
 from pyhv.memory.guest import GuestMemoryError
 from pyhv.vhost import protocol as P
@@ -125,11 +126,9 @@ class VhostUserBackend:
             pass
         except OSError as e:
             raise P.VhostUserError(f"socket path {path}: {e.strerror}") from None
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
         try:
-            sock.bind(path)
+            sock = bind_private_socket(path)        # 0600 from the start: the front end maps guest RAM through it
         except OSError as e:
-            sock.close()
             raise P.VhostUserError(f"cannot listen on {path}: {e.strerror}",
                                    "is the path an existing file, or its directory missing?") from None
         sock.listen(1)

@@ -42,6 +42,9 @@ def add_parser(sub) -> argparse.ArgumentParser:
     blk.add_argument("--num-queues", type=int, default=1, metavar="N", help="request queues (default: 1)")
     blk.add_argument("--queue-size", type=int, default=1024, metavar="N",
                      help="largest queue size; seg_max is 2 less (default: 1024)")
+    blk.add_argument("--no-locking", dest="locking", action="store_false",
+                     help="do not lock the image as QEMU does (by default another writer, or a writer beside "
+                          "readers, is refused)")
     net = p.add_argument_group("net")
     net.add_argument("--tap", metavar="NAME", help="tap interface to attach (created if missing)")
     net.add_argument("--mac", help="MAC address in the device's configuration space")
@@ -58,7 +61,7 @@ def make_device(args: argparse.Namespace, iothread):
         if args.queue_size < 4 or args.queue_size > 32768 or args.queue_size & (args.queue_size - 1):
             raise ConfigError(f"--queue-size {args.queue_size}: must be a power of 2 from 4 to 32768")
         return VirtioBlk(args.image, readonly=args.read_only, cache=args.cache, serial=args.serial,
-                         num_queues=args.num_queues, queue_size=args.queue_size)
+                         num_queues=args.num_queues, queue_size=args.queue_size, locking=args.locking)
     if args.type == "rng":
         from pyhv.virtio.rng import VirtioRng
         return VirtioRng()

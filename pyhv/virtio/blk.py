@@ -24,6 +24,7 @@ import os
 import struct
 
 from pyhv.errors import GuestImageError
+from pyhv.runtime.image_lock import ImageLock
 from pyhv.virtio.device import COMMON_FEATURES, VIRTIO_ID_BLOCK, VirtioDevice, bits
 from pyhv.virtio.queue import DescriptorChain, gather, scatter, split_views
 
@@ -108,7 +109,8 @@ def probe_format(path: str) -> str | None:
 class BlkImage:
     """A raw image file opened for a virtio-blk drive."""
 
-    def __init__(self, path: str, readonly: bool = False, cache: str = "writeback") -> None:
+    def __init__(self, path: str, readonly: bool = False, cache: str = "writeback", locking: bool = True,
+                 lock_now: bool = True) -> None:
         self.path = path
         self.readonly = readonly
         self.cache = cache
@@ -137,6 +139,14 @@ class BlkImage:
                 raise GuestImageError(f"drive {path}: {e.strerror}",
                                       "make it writable or use readonly=on" if e.errno == errno.EACCES
                                       else None) from None
+        # QEMU's image locks (runtime/image_lock.py); a live migration's destination takes them at switch-over
+        self.lock = ImageLock(self.fd, path, readonly) if locking else None
+        if self.lock is not None and lock_now:
+            try:
+                self.lock.acquire()
+            except GuestImageError:
+                os.close(self.fd)
+                raise
         size = os.fstat(self.fd).st_size
         if size % SECTOR:
             log.warning("drive %s: size %d is not a multiple of %d; the last %d bytes are not visible",
@@ -217,11 +227,12 @@ class VirtioBlk(VirtioDevice):
     SNAPSHOT = True                 # requests finish within process(): nothing is in flight between them
 
     def __init__(self, path: str, readonly: bool = False, cache: str = "writeback", serial: str | None = None,
-                 num_queues: int = 1, queue_size: int = DEFAULT_QUEUE_SIZE, name: str | None = None) -> None:
+                 num_queues: int = 1, queue_size: int = DEFAULT_QUEUE_SIZE, name: str | None = None,
+                 locking: bool = True, lock_now: bool = True) -> None:
         super().__init__(name or f"virtio-blk({os.path.basename(path)})")
         if serial is not None and len(serial.encode()) > VIRTIO_BLK_ID_BYTES:
             raise GuestImageError(f"drive {path}: serial {serial!r} is longer than {VIRTIO_BLK_ID_BYTES} bytes")
-        self.image = BlkImage(path, readonly, cache)
+        self.image = BlkImage(path, readonly, cache, locking, lock_now)
         self.readonly = readonly
         self.serial = (serial or "").encode().ljust(VIRTIO_BLK_ID_BYTES, b"\0")
         self.num_queues = num_queues
@@ -248,11 +259,12 @@ class VirtioBlk(VirtioDevice):
     def from_config(cls, drive, **kwargs) -> "VirtioBlk":
         """From a `pyhv.config.DriveConfig` (or anything with its fields)."""
         return cls(drive.file, readonly=drive.readonly, cache=drive.cache, serial=drive.serial,
-                   num_queues=drive.num_queues, **kwargs)
+                   num_queues=drive.num_queues, locking=getattr(drive, "locking", True), **kwargs)
 
     @classmethod
     def create(cls, context, drive) -> "VirtioBlk":
-        return cls.from_config(drive)
+        # a live migration's destination opens the image now and locks it when the VM moves (Machine.images)
+        return cls.from_config(drive, lock_now=not getattr(context.machine, "images_inactive", False))
 
     @property
     def capacity(self) -> int:

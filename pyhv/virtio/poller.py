@@ -20,6 +20,8 @@ import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
+from pyhv.runtime.sandbox import confined
+
 if TYPE_CHECKING:
     from pyhv.virtio.device import VirtioDevice
 
@@ -48,13 +50,14 @@ class QueuePoller:
         self._running.set()
         self._look = threading.Lock()              # held for one pass over the devices
         self._thread: threading.Thread | None = None
+        self.sandbox: str | None = None          # "io": the thread enters runtime/sandbox.py's filter first
         self._failed: set[str] = set()
         for device in self.devices:
             device.polled = True
 
     def start(self) -> None:
         if self._thread is None and self.devices:
-            self._thread = threading.Thread(target=self._run, name=self.name, daemon=True)
+            self._thread = threading.Thread(target=confined(self.sandbox, self._run), name=self.name, daemon=True)
             self._thread.start()
 
     def stop(self) -> None:

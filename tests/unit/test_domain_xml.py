@@ -388,3 +388,19 @@ def test_iommu_round_trips_and_is_refused_where_it_cannot_work(domain_file, file
         with pytest.raises(ConfigError, match=message):
             bad.validate()
     listener.close()
+
+
+BOMB = ('<?xml version="1.0"?>\n<!DOCTYPE domain [\n <!ENTITY a "aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa">\n'
+        + "".join(f' <!ENTITY {chr(98 + i)} "{("&" + chr(97 + i) + ";") * 10}">\n' for i in range(9))
+        + ']>\n<domain type="kvm"><name>&j;</name></domain>')
+EXTERNAL = ('<?xml version="1.0"?>\n<!DOCTYPE domain [ <!ENTITY secret SYSTEM "file:///etc/passwd"> ]>\n'
+            '<domain type="kvm"><name>&secret;</name><memory>128</memory></domain>')
+
+
+@pytest.mark.parametrize("text", [BOMB, EXTERNAL, '<!DOCTYPE domain SYSTEM "http://example.com/d.dtd"><domain/>'],
+                         ids=["entity-bomb", "external-entity", "external-dtd"])
+def test_dtds_entity_bombs_and_external_entities_are_refused(text):
+    with pytest.raises(ConfigError) as caught:       # at the declaration: before 10^9 characters are expanded
+        parse_domain_xml(text, "dom.xml")
+    assert str(caught.value).startswith("dom.xml: a DOCTYPE (DTD) at line"), caught.value
+    assert "root:" not in str(caught.value)                     # nothing of /etc/passwd came in
