@@ -3,7 +3,8 @@ PYTHON ?= python3
 VENV   := .venv
 PY     := $(VENV)/bin/python
 
-.PHONY: run demo test lint deps bench bench-models bench-iommu bench-snapshot bench-migration clean compile
+.PHONY: run demo test lint deps bench bench-models bench-iommu bench-snapshot bench-migration fuzz crash-test clean \
+	compile
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -60,6 +61,18 @@ bench-snapshot: compile
 # Live migration of a 256 MiB small-Linux guest on loopback, idle and while writing: total time, downtime, bytes
 bench-migration: compile
 	$(PY) bench/migration.py
+
+# Long fuzzing (tests/fuzz/targets.py) with atheris, coverage-guided: FUZZ_RUNS inputs or FUZZ_SECONDS per target;
+# bench/fuzz.txt and .json report inputs, rates and findings (the suite runs every target briefly)
+FUZZ_RUNS ?= 100000
+FUZZ_SECONDS ?= 300
+fuzz: $(VENV)/.installed
+	$(PY) -m pip install -q -e '.[fuzz]'
+	$(PY) bench/fuzz.py --runs $(FUZZ_RUNS) --seconds $(FUZZ_SECONDS)
+
+# Crash consistency, long: 20 SIGKILLs of the small Linux guest mid-fsync loop (the suite runs 3)
+crash-test: $(VENV)/.installed deps
+	PYHV_CRASH_RUNS=20 $(PY) -m pytest -q tests/integration/test_disk_safety.py -k sigkill
 
 clean:
 	rm -rf $(VENV) build .pytest_cache

@@ -67,7 +67,10 @@ def write_newc(entries: Iterable[CpioEntry], out: BinaryIO, mtime: int = 0) -> i
     """Writes the members and the trailer to `out`; returns the number of bytes written."""
     written = 0
     ino = 0
-    for entry in list(entries) + [CpioEntry(NEWC_TRAILER, 0)]:
+    members = list(entries)
+    if any(e.name.strip("/") == NEWC_TRAILER for e in members):
+        raise ValueError(f"a member named {NEWC_TRAILER} would end the archive early")
+    for entry in members + [CpioEntry(NEWC_TRAILER, 0)]:
         name = entry.name.lstrip("/").encode() or b"."
         ino += 1
         header = _header(entry, ino if entry.name != NEWC_TRAILER else 0, name,
@@ -89,6 +92,8 @@ class Archive:
         path = "/" + entry.name.strip("/")
         if path == "/":
             raise ValueError("cannot add the root directory as a member")
+        if path == "/" + NEWC_TRAILER:       # the kernel's unpacker would stop there and drop what follows
+            raise ValueError(f"a member named {NEWC_TRAILER} would end the archive early")
         parent = path.rsplit("/", 1)[0]
         while parent and parent not in self.entries:
             self.entries[parent] = CpioEntry.directory(parent)

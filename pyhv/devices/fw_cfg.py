@@ -31,6 +31,7 @@ FW_CFG_PORT_SEL = 0x510
 FW_CFG_PORT_DATA = 0x511
 FW_CFG_PORT_DMA = 0x514
 FW_CFG_CTL_SIZE = 2
+DMA_CHUNK = 1 << 20          # a DMA read moves at most this much through a host buffer at a time
 FW_CFG_DMA_SIZE = 8
 
 FW_CFG_SIGNATURE = 0x00
@@ -218,20 +219,22 @@ class FwCfg:
                 if control & FW_CFG_DMA_CTL_SELECT:
                     self.select(control >> 16)
                 if control & FW_CFG_DMA_CTL_READ:
-                    mem.write(address, self._read_bytes(length))
+                    mem.view(address, length, write=True)   # the whole target checked before any byte moves
+                    for at in range(0, length, DMA_CHUNK):   # and no host buffer as big as the guest asked
+                        n = min(DMA_CHUNK, length - at)
+                        mem.write(address + at, self._read_bytes(n))
                 elif control & FW_CFG_DMA_CTL_WRITE:
                     item = self.items.get(self.state.selector)
                     if item is None or item.on_write is None:
                         status = FW_CFG_DMA_CTL_ERROR
-                    else:
+                    elif self.state.offset + length > len(item.data):
+                        status = FW_CFG_DMA_CTL_ERROR
+                    else:                                    # checked against the item before reading
                         data = mem.read(address, length)
                         start = self.state.offset
-                        if start + length > len(item.data):
-                            status = FW_CFG_DMA_CTL_ERROR
-                        else:
-                            item.data[start:start + length] = data
-                            item.on_write(start, data)
-                            self.state.offset += length
+                        item.data[start:start + length] = data
+                        item.on_write(start, data)
+                        self.state.offset += length
                 elif control & FW_CFG_DMA_CTL_SKIP:
                     self.state.offset += length
             except GuestMemoryError as e:
