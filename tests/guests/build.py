@@ -64,7 +64,8 @@ def build_elf(name: str) -> Path:
     source = GUESTS / f"{name}.c"
     if not source.exists():
         raise FileNotFoundError(f"no test guest {source}")
-    out = cache_dir() / f"{name}-{hashlib.sha256(source.read_bytes()).hexdigest()[:16]}.elf"
+    digest = hashlib.sha256(source.read_bytes() + (GUESTS / "entry64.h").read_bytes()).hexdigest()[:16]
+    out = cache_dir() / f"{name}-{digest}.elf"
     if out.exists():
         return out
     with tempfile.TemporaryDirectory() as tmp:

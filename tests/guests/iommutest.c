@@ -20,6 +20,7 @@
  * 33) or "IOMMUTEST FAIL" (0x11). Freestanding: no libc, no writable globals beyond the stack, fixed addresses.
  */
 #include <stdint.h>
+#include "entry64.h"
 
 #define COM1 0x3f8
 #define EXIT_PORT 0xf4
@@ -328,15 +329,3 @@ void kmain(const uint8_t *boot_params) {
     puts_(failures ? "IOMMUTEST FAIL\r\n" : "IOMMUTEST ok\r\n");
     exit_(failures ? 0x11 : 0x10);
 }
-
-__asm__(
-    ".section .text.entry, \"ax\"\n"
-    ".globl _start\n"
-    "_start:\n"
-    "    cli\n"
-    "    mov $0x2800000, %rsp\n"
-    "    mov %rsi, %rdi\n"
-    "    call kmain\n"
-    "1:  hlt\n"
-    "    jmp 1b\n"
-    ".previous\n");

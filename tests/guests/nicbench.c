@@ -14,6 +14,7 @@
  * Freestanding: no libc, no writable globals, rings and buffers at fixed addresses.
  */
 #include <stdint.h>
+#include "entry64.h"
 
 #define COM1 0x3f8
 #define EXIT_PORT 0xf4
@@ -278,19 +279,4 @@ static void bench_main(const char *cmdline) {
     exit_(0x11);
 }
 
-/* from _start, at CPL 0 in pyhv's long-mode entry state (the low 4 GiB identity-mapped) */
-void kmain(const uint8_t *boot_params) {
-    bench_main((const char *)(uintptr_t)*(const uint32_t *)(boot_params + 0x228));     /* cmd_line_ptr */
-}
-
-__asm__(
-    ".section .text.entry, \"ax\"\n"
-    ".globl _start\n"
-    "_start:\n"
-    "    cli\n"
-    "    mov $0x2800000, %rsp\n"
-    "    mov %rsi, %rdi\n"
-    "    call kmain\n"
-    "1:  hlt\n"
-    "    jmp 1b\n"
-    ".previous\n");
+void kmain(const uint8_t *boot_params) { bench_main(boot_cmdline(boot_params)); }
