@@ -356,11 +356,13 @@ class VhostUserBackend:
         if ring.started:
             raise VhostUserError(f"SET_VRING_BASE for ring {index}, which is running")
         ring.base = num & 0xFFFF
+        log.info("vhost-user: ring %d base %d", index, ring.base)     # rare: start, stop, migration
 
     def _get_vring_base(self, msg: Message) -> bytes:
         index, _ = msg.unpack(P.VRING_STATE)
         ring = self._ring(index, "GET_VRING_BASE")
         self._stop_ring(ring)
+        log.info("vhost-user: ring %d stopped at %d", index, ring.base)
         if not any(r.started for r in self.rings):
             self.device.reset()
         return P.VRING_STATE.pack(index, ring.base)
@@ -407,6 +409,7 @@ class VhostUserBackend:
         if num not in (0, 1):
             raise VhostUserError(f"SET_VRING_ENABLE {num} for ring {index}")
         ring.enabled = bool(num)
+        log.info("vhost-user: ring %d %s", index, "enabled" if ring.enabled else "disabled")
         with self.device.lock:
             self._publish(ring)
         if ring.enabled and ring.started:
@@ -458,6 +461,7 @@ class VhostUserBackend:
         with device.lock:
             ring.queue = self._make_queue(ring)
             ring.started = True
+            log.info("vhost-user: ring %d started: %s", ring.index, ring.queue.describe())
             if not device.active:
                 device.activate(self.memory, [None] * len(self.rings), self._interrupt,
                                 self.features & ~bits(P.VHOST_USER_F_PROTOCOL_FEATURES))
