@@ -5,8 +5,9 @@ For each access kind the guest runs COUNT iterations; a run with COUNT=0 of the 
 cost (process start, teardown), so ns per iteration = (t(COUNT) - t(0)) / COUNT. The empty loop's figure is the
 cost of the loop instructions themselves (emulated on PVM hosts); subtracting it gives the exit round trip.
 Runs are interleaved (pyhv, QEMU, pyhv, ...) and medians reported, with pyhv/QEMU ratios. Also: pyhv's split
-between KVM_RUN and Python dispatch (from --stats-json), the cost of exit accounting (--no-accounting), process
-start to first KVM_RUN, and peak RSS against QEMU -M microvm with the same guest and memory.
+between KVM_RUN and Python dispatch (from --stats-json), the cost of exit accounting (--no-accounting) and of the
+seccomp sandbox (--sandbox off), process start to first KVM_RUN, and peak RSS against QEMU -M microvm with the same
+guest and memory.
 
     python3 bench/exits.py [--count 200000] [--reps 5]
 """
@@ -62,12 +63,14 @@ def spawn(cmd: list[str], key: tuple[str, int, int] | None = None) -> tuple[floa
     return wall, proc.returncode, usage.ru_maxrss, start
 
 
-def pyhv_cmd(image: str, stats_json: str | None = None, accounting: bool = True) -> list[str]:
+def pyhv_cmd(image: str, stats_json: str | None = None, accounting: bool = True, sandbox: bool = True) -> list[str]:
     cmd = [sys.executable, "-m", "pyhv.cli", "run", "--firmware", image, "--memory", MEMORY, "--serial", "none"]
     if stats_json:
         cmd += ["--stats-json", stats_json]
     if not accounting:
         cmd.append("--no-accounting")
+    if not sandbox:
+        cmd += ["--sandbox", "off"]
     return cmd
 
 
@@ -96,7 +99,7 @@ def main() -> int:
     first_run: list[float] = []
     rss = {"pyhv": [], "qemu -M microvm": [], "qemu -M pc": []}
     tmp = tempfile.mkdtemp(prefix="pyhv-bench-")
-    variants = ("pyhv", "pyhv --no-accounting", "qemu")
+    variants = ("pyhv", "pyhv --no-accounting", "pyhv --sandbox off", "qemu")
     for rep in range(args.reps):
         for mode in MODES:
             for n in (0, counts[mode]):
@@ -107,7 +110,8 @@ def main() -> int:
                     if variant == "qemu":
                         wall, status, maxrss, _ = spawn(qemu_cmd(qemu, image), key)
                     else:
-                        wall, status, maxrss, start = spawn(pyhv_cmd(image, stats, variant == "pyhv"), key)
+                        wall, status, maxrss, start = spawn(pyhv_cmd(image, stats, "accounting" not in variant,
+                                                                     "sandbox" not in variant), key)
                         if variant == "pyhv":
                             data = json.load(open(stats))
                             if n:
@@ -167,6 +171,12 @@ def main() -> int:
             for m in MODES if m]
     print(f"\nexit accounting cost: {med(cost):.1f} % of the round trip (median over the four access kinds; "
           f"per kind: {', '.join(f'{c:.1f}' for c in cost)})")
+    sandbox = [(per_iter("pyhv", m) - per_iter("pyhv --sandbox off", m)) / per_iter("pyhv --sandbox off", m) * 100
+               for m in MODES if m]
+    sandbox_user = [user_per_iter("pyhv", m) - user_per_iter("pyhv --sandbox off", m) for m in MODES if m]
+    print(f"sandbox cost (--sandbox on against off): {med(sandbox):.1f} % of the round trip, "
+          f"{med(sandbox_user):.0f} ns of user CPU per exit (medians over the four access kinds; per kind: "
+          f"{', '.join(f'{c:.1f} %' for c in sandbox)})")
     if first_run:
         print(f"process start -> first KVM_RUN (pyhv): median {med(first_run) * 1000:.0f} ms "
               f"(min {min(first_run) * 1000:.0f}, max {max(first_run) * 1000:.0f})")

@@ -563,7 +563,7 @@ def vhost_user(data: bytes) -> None:
 
 # --- QMP --------------------------------------------------------------------------------------------------------
 UNSAFE_QMP = {"quit", "migrate", "migrate-incoming", "pmemsave", "x-pyhv-snapshot-create", "system_powerdown",
-              "migrate_cancel"}    # they end the VM or write files; their arguments are still checked below
+              "migrate_cancel"}    # they end the shared VM or write files: never run by the target
 _qmp_machine: list = []
 
 
@@ -638,14 +638,7 @@ def qmp(data: bytes) -> None:
             args = _json_value(inp)
         message = {"execute": name, "arguments": args} if inp.below(8) else _json_value(inp)
         if isinstance(message, dict) and message.get("execute") in UNSAFE_QMP:
-            command = COMMANDS[message["execute"]]
-            try:                                   # the argument checks alone, not the command
-                for key, value in (message.get("arguments") or {}).items():
-                    if key not in command.args or not isinstance(value, command.args[key][0]):
-                        raise KeyError(key)
-            except (KeyError, AttributeError, TypeError):
-                pass
-            message["execute"] = "query-status"
+            message["execute"] = "query-status"     # would end the shared VM or write files
             message["arguments"] = {}
         conn.handle_input(json.dumps(message).encode() + inp.pick([b"", b"\n", b" ", b"}"]))
     replies = [json.loads(line) for line in bytes(conn.out).split(b"\r\n") if line]
