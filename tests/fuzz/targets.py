@@ -265,9 +265,28 @@ def _fresh_image() -> str:
     return path
 
 
+def read_after_reset(device, sector: int) -> bytes:
+    """What a well-behaved driver reads from `sector` after resetting the device (whatever came before)."""
+    from pyhv.virtio.blk import VIRTIO_BLK_T_IN
+    from virtq_driver import RingDriver
+    device.reset()
+    mem = _fake_memory()
+    driver = RingDriver(mem, size=8, heap=0x8000)
+    device.activate(mem, [driver.queue()] + [None] * (device.num_queues - 1), lambda index: None, 1 << 32)
+    head = driver.add([(struct.pack("<IIQ", VIRTIO_BLK_T_IN, 0, sector), False), (512, True), (1, True)])
+    driver.publish(head)
+    device.notify(0)
+    used = driver.take_used()
+    assert used and used[0][0] == head, used
+    data_addr = struct.unpack_from("<Q", mem.buf, driver.desc + 16 * ((head + 1) % 8))[0]
+    status_addr = struct.unpack_from("<Q", mem.buf, driver.desc + 16 * ((head + 2) % 8))[0]
+    assert mem.buf[status_addr] == 0, f"status {mem.buf[status_addr]}"
+    return bytes(mem.buf[data_addr:data_addr + 512])
+
+
 def virtio_blk(data: bytes) -> None:
     """Hostile requests on hostile rings: RAM outside the offered buffers unchanged, the image keeps its size, a
-    read-only image keeps its bytes."""
+    read-only image keeps its bytes, and after a reset the device serves a good driver."""
     from pyhv.virtio.blk import VirtioBlk
     inp = Input(data)
     path = _fresh_image()
@@ -275,6 +294,11 @@ def virtio_blk(data: bytes) -> None:
     device = VirtioBlk(path, readonly=readonly, num_queues=1 + inp.below(2), queue_size=16, locking=False)
     try:
         run_device(device, inp, device.num_queues, inp.pick([4, 8, 16]))
+        with open(path, "rb") as f:
+            sector = inp.below(64)
+            f.seek(sector * 512)
+            expected = f.read(512)
+        assert read_after_reset(device, sector) == expected, "after a reset the device did not read right"
     finally:
         device.close()
     with open(path, "rb") as f:
