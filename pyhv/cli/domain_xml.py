@@ -401,7 +401,8 @@ def _chardev(r: _Reader, node: ET.Element, what: str) -> ChardevSpec:
 # --- VmConfig -> domain XML ------------------------------------------------------------------------------------
 def config_to_domain_xml(config: VmConfig) -> str:
     """The domain XML of `config`. libvirt has no words for pyhv's debugcon, testdev, accounting, nested-safe
-    CPU model or PVM work-around switches: those stay at their defaults when the XML is read back."""
+    CPU model, PVM work-around, sandbox or drive locking switches: those stay at their defaults when the XML is
+    read back."""
     def el(tag: str, text: str, **attrs: str) -> str:
         a = "".join(f" {k}={quoteattr(v)}" for k, v in attrs.items())
         return f"<{tag}{a}>{escape(text)}</{tag}>"

@@ -591,8 +591,19 @@ UNSAFE_QMP = {"quit", "migrate", "migrate-incoming", "pmemsave", "x-pyhv-snapsho
 _qmp_machine: list = []
 
 
+def close_shared() -> None:
+    """Stop the VM the QMP target shares between inputs (the test suite calls this after the target)."""
+    while _qmp_machine:
+        server = _qmp_machine.pop()
+        server.listener.close()
+        server.machine.shutdown(0)
+        server.machine.wait(10)
+        server.machine.close()
+
+
 def _qmp_connection():
-    """A QMP connection (no socket: its output is collected) to one shared VM running the counter test guest."""
+    """A QMP connection (no socket: its output is collected) to one shared VM whose guest idles in hlt (the echo
+    guest: no CPU spent between inputs)."""
     from pyhv.config import VmConfig
     from pyhv.machine.machine import Machine
     from pyhv.monitor.qmp import QmpConnection, QmpServer
@@ -600,18 +611,13 @@ def _qmp_connection():
     if not _qmp_machine:
         import atexit
         import build as guest_build         # tests/guests/build.py
-        machine = Machine(VmConfig(firmware=str(guest_build.build("counter", {})), serial=ChardevSpec("none")))
+        guest = str(guest_build.build("echoloop", {"BUSY": 0}))
+        machine = Machine(VmConfig(firmware=guest, memory=16 << 20, serial=ChardevSpec("none")))
         machine.start()
         where = tempfile.mkdtemp(prefix="pyhv-fuzz-qmp-")
         server = QmpServer(machine, os.path.join(where, "qmp.sock"))    # its thread never starts: no socket I/O
         _qmp_machine.append(server)
-
-        def stop() -> None:
-            server.listener.close()
-            machine.shutdown(0)
-            machine.wait(10)
-            machine.close()
-        atexit.register(stop)
+        atexit.register(close_shared)
     server = _qmp_machine[0]
     conn = QmpConnection.__new__(QmpConnection)
     QmpConnection.__init__(conn, server, None)              # type: ignore[arg-type]

@@ -12,7 +12,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from targets import TARGETS, check
+from targets import TARGETS, check, close_shared
 
 CORPUS = Path(__file__).parent / "corpus"
 EXAMPLES = int(os.environ.get("PYHV_FUZZ_EXAMPLES", "150"))
@@ -47,6 +47,12 @@ def corpus_cases():
 def test_the_kept_corpus_holds(name, path):
     with time_bound(INPUT_SECONDS):
         check(TARGETS[name], path.read_bytes())
+
+
+@pytest.fixture(autouse=True)
+def no_vm_left_running():
+    yield
+    close_shared()              # the QMP target's VM must not idle through the rest of the suite
 
 
 @pytest.mark.parametrize("name", [pytest.param(n, marks=marks(n)) for n in sorted(TARGETS)])
